@@ -1,0 +1,276 @@
+"""model.py: the architecture, its parameter and FLOP accounting, truncation and generation.
+
+Expected values come from SPEC.md (Table 6, the FLOP examples) or from an independent
+computation written out here, never from the code under test.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import GPT, GPTConfig, INJECTIONS, count_params, flops_per_token
+
+torch.manual_seed(0)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, seq_len=32, size=2, head_dim=32, depth=10, n_prelude=1,
+                n_coda=1, r=4, injection="linear")
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+# ---- counting --------------------------------------------------------------------------
+
+TABLE6 = {  # unique non-embedding N in millions, r = 1 / 2 / 4 / 8 (SPEC.md section 2)
+    6: (35.4, 21.5, 14.5, 10.9),
+    10: (98.3, 59.8, 40.2, 30.3),
+    20: (393.3, 239.2, 160.6, 121.3),
+}
+
+
+@pytest.mark.parametrize("size", TABLE6)
+def test_unique_params_match_paper_table6(size):
+    for r, expected in zip((1, 2, 4, 8), TABLE6[size]):
+        c = count_params(GPTConfig(size=size, r=r))
+        assert abs((c["n_once"] + c["n_rec"]) / 1e6 - expected) <= 0.1, (size, r)
+
+
+def closed_form(d, r, injection, lanes=2, depth=20, pre=2, coda=2):
+    """SPEC.md section 2 written out independently of model.py."""
+    nb = 12 * d * d + 2 * d
+    if r == 1:
+        return 3 * d, depth * nb
+    inject = {"linear": 2 * d * d, "additive": 0, "none": 0,
+              "hyperconnect": r * (lanes ** 2 + 2 * lanes)}[injection]
+    return (pre + coda) * nb + 3 * d, (depth - pre - coda) // r * nb + inject
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_counts_match_closed_form_and_real_tensors(injection, r):
+    cfg = tiny(r=r, injection=injection, lanes=3)
+    n_once, n_rec = closed_form(cfg.d_model, r, injection, lanes=3, depth=10, pre=1, coda=1)
+    counted = count_params(cfg)
+    assert (counted["n_once"], counted["n_rec"]) == (n_once, n_rec)
+    model = GPT(cfg)
+    real = model.param_counts()
+    assert real == counted
+    assert real["n_total"] == sum(p.numel() for p in model.parameters())
+    assert real["n_embedding"] == model.embedding.weight.numel() == 128 * cfg.d_model  # 97 -> 128
+    assert real["n_effective"] == n_once + r * n_rec
+
+
+def test_width_rounds_up_to_head_dim():
+    assert GPTConfig(size=6).d_model == 384
+    assert GPTConfig(size=7).d_model == 512
+    assert GPTConfig(size=1).d_model == 128
+    assert GPTConfig(size=7, head_dim=64).d_model == 448
+    assert GPTConfig(size=10).n_head == 5
+
+
+def test_r1_is_a_plain_gpt_laid_out_0_depth_0():
+    cfg = GPTConfig(size=2, r=1, injection="linear", vocab_size=50)
+    assert (cfg.n_prelude, cfg.n_recur, cfg.n_coda) == (0, 20, 0)
+    model = GPT(cfg)
+    assert not hasattr(model, "inject") and len(model.recur) == 20
+    assert model.param_counts()["n_once"] == 3 * cfg.d_model
+
+
+# ---- FLOPs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,r,expected", [(10, 1, 1.0277e9), (10, 4, 1.0473e9),
+                                             (20, 4, 3.3136e9), (20, 1, 3.2350e9)])
+def test_flops_match_spec_examples(size, r, expected):
+    f = flops_per_token(GPTConfig(size=size, r=r, vocab_size=32001, seq_len=2048))
+    assert f == pytest.approx(expected, rel=5e-5)
+
+
+def test_truncation_and_hyperconnect_flops_by_hand():
+    d, T, V = 640, 2048, 32064
+    nb = 12 * d * d + 2 * d
+    trunc = GPTConfig(size=10, r=4, bptt_k=2, vocab_size=32001)
+    expected = (6 * (4 * nb + d * V) + (2 * 2 + 6 * 2) * (4 * nb + 2 * d * d)
+                + d * T * (12 * 4 + (4 * 2 + 12 * 2) * 4))
+    assert flops_per_token(trunc) == expected
+    full = flops_per_token(GPTConfig(size=10, r=4, vocab_size=32001))
+    assert flops_per_token(trunc) / full == pytest.approx(0.76, abs=0.005)  # issue 7's figure
+    hc = GPTConfig(size=10, r=4, injection="hyperconnect", vocab_size=32001)
+    assert flops_per_token(hc) == (6 * (4 * nb + d * V) + 6 * 4 * (4 * nb + 8 * d)
+                                   + d * T * (12 * 4 + 12 * 4 * 4))
+
+
+def matmul_flops_per_token(cfg):
+    """The formula restricted to matrices (norm gains do no matmul): what FlopCounterMode sees."""
+    d, g, f = cfg.d_model, cfg.grad_recurrences, cfg.r - cfg.grad_recurrences
+    mats = 12 * d * d
+    inject = 2 * d * d if (cfg.r > 1 and cfg.injection == "linear") else 0
+    once = 6 * ((cfg.n_prelude + cfg.n_coda) * mats + d * cfg.padded_vocab)
+    rec = (2 * f + 6 * g) * (cfg.n_recur * mats + inject)
+    attn = d * cfg.seq_len * (12 * (cfg.n_prelude + cfg.n_coda) + (4 * f + 12 * g) * cfg.n_recur)
+    return once + rec + attn
+
+
+@pytest.mark.parametrize("r,bptt_k", [(1, None), (4, None), (4, 2)])
+def test_matmul_flops_agree_with_torch_flop_counter(r, bptt_k):
+    cfg = tiny(r=r, bptt_k=bptt_k)
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
+    # The math backend runs attention as plain bmm's, which the counter sees on CPU.
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fwd:
+            with torch.no_grad():
+                model(idx)
+        with FlopCounterMode(display=False) as train:
+            model(idx, idx).backward()
+    tokens = idx.numel()
+    if bptt_k is None:
+        assert 3 * fwd.get_total_flops() / tokens == matmul_flops_per_token(cfg)
+    assert train.get_total_flops() / tokens == pytest.approx(matmul_flops_per_token(cfg), rel=0.02)
+
+
+# ---- injection and hyperconnect at init ---------------------------------------------------
+
+def test_linear_injection_passes_e_through_at_init():
+    model = GPT(tiny())
+    e, h = torch.randn(2, 5, model.cfg.d_model), torch.randn(2, 5, model.cfg.d_model)
+    assert torch.equal(model.inject(torch.cat((e, h), -1)), e)
+
+
+def test_hyperconnect_lanes_at_init():
+    K, r = 2, 4
+    model = GPT(tiny(injection="hyperconnect", lanes=K, r=r))
+    seen = {"block_in": [], "s": []}
+    model.prelude[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("e", o))
+    model.recur[0].register_forward_pre_hook(lambda m, a: seen["block_in"].append(a[0]))
+    model.recur_norm.register_forward_hook(lambda m, i, o: seen["s"].append(o))
+    model.coda[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("coda_in", a[0]))
+    idx = torch.randint(0, 97, (2, 16))
+    model(idx, idx).backward()
+    e = seen["e"]
+    for i in range(r):   # block input at iteration i = any lane after iteration i-1
+        expected = e + sum(seen["s"][:i]) if i else e
+        torch.testing.assert_close(seen["block_in"][i], expected)
+    torch.testing.assert_close(seen["coda_in"], K * (e + sum(seen["s"])))
+    for p in (model.hc_alpha, model.hc_mix, model.hc_beta):
+        assert p.grad is not None and (p.grad != 0).all()
+    assert model.hc_alpha.numel() + model.hc_mix.numel() + model.hc_beta.numel() == r * (K * K + 2 * K)
+
+
+# ---- truncated backprop --------------------------------------------------------------------
+
+def grads_by_hand(model, idx, k):
+    """Reference: full-backprop model, state detached after every iteration i < r - k."""
+    cfg = model.cfg
+    cos, sin = model.rotary_cos[:idx.size(1)], model.rotary_sin[:idx.size(1)]
+    e = model.embed_norm(model.embedding(idx))
+    for b in model.prelude:
+        e = b(e, cos, sin)
+    h = e
+    for i in range(cfg.r):
+        u = model.inject(torch.cat((e, h), -1))
+        for b in model.recur:
+            u = b(u, cos, sin)
+        h = model.recur_norm(u)
+        if i < cfg.r - k:
+            h = h.detach()
+    for b in model.coda:
+        h = b(h, cos, sin)
+    logits = model.logits(model.final_norm(h))
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def model_grads(model, idx):
+    model.zero_grad()
+    model(idx, idx).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_truncated_backprop_matches_hand_computation(k):
+    torch.manual_seed(1)
+    full = GPT(tiny(r=4))
+    with torch.no_grad():  # move off the identity init so every iteration matters
+        full.inject.weight.add_(0.1 * torch.randn_like(full.inject.weight))
+    truncated = GPT(tiny(r=4, bptt_k=k))
+    truncated.load_state_dict(full.state_dict())
+    idx = torch.randint(0, 97, (2, 16))
+    expected = grads_by_hand(full, idx, k)
+    got = model_grads(truncated, idx)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    if k < 4:   # and it really differs from full backprop
+        fullg = model_grads(full, idx)
+        assert not torch.allclose(fullg["recur.0.mlp.up.weight"], got["recur.0.mlp.up.weight"])
+
+
+# ---- generation ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("injection", ["linear", "hyperconnect"])
+def test_kv_cache_generation_equals_full_forward(injection):
+    torch.manual_seed(2)
+    model = GPT(tiny(injection=injection)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1)   # distinct logits, so greedy ties cannot hide bugs
+    prompt = torch.randint(0, 97, (3, 5))
+    out = model.generate(prompt, 12, temperature=0)
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            ref = torch.cat((ref, model(ref)[:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(out, ref)
+
+
+# ---- loss ------------------------------------------------------------------------------------
+
+def test_loss_ignores_negative_targets_and_per_token_losses():
+    model = GPT(tiny())
+    idx = torch.randint(0, 97, (2, 8))
+    targets = idx.clone()
+    targets[0, :3] = -1
+    targets[1, 5] = -7
+    per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (2, 8) and (per_token[targets < 0] == 0).all()
+    mean = model(idx, targets)
+    torch.testing.assert_close(mean, per_token[targets >= 0].mean())
+    logits = model(idx)
+    assert logits.dtype == torch.float32 and logits.shape[-1] == 97
+    assert logits.abs().max() <= 15.0
+
+
+def test_init_statistics():
+    cfg = GPTConfig(size=8, r=4, vocab_size=1000)
+    model = GPT(cfg)
+    d = cfg.d_model
+    assert model.recur[0].attn.q.weight.std().item() == pytest.approx(d ** -0.5, rel=0.02)
+    assert model.recur[0].mlp.down.weight.std().item() == pytest.approx((4 * d) ** -0.5, rel=0.02)
+    assert model.recur[0].mlp.up.weight.abs().max().item() <= math.sqrt(3 / d) + 1e-6
+    assert model.embedding.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.02)
+    for p in model.param_groups()["matrix"]:
+        assert p.norm() > 0    # MuonH fixes each matrix's norm at init: none may be zero
+
+
+# ---- bad configurations --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(r=3), "does not divide the recurrent depth"),
+    (dict(injection="hyperconnect", bptt_k=2), "hyperconnect needs full backprop"),
+    (dict(injection="hyperconnect", lanes=1), "at least 2 lanes"),
+    (dict(d_model_override=200, head_dim=64), "does not divide d_model"),
+    (dict(head_dim=33), "even"),
+    (dict(injection="gated"), "choose one of"),
+    (dict(bptt_k=5), "between 1 and r"),
+    (dict(r=0), "at least 1"),
+    (dict(n_prelude=5, n_coda=5), "leaves 0 layer applications"),
+    (dict(size=0), "positive integer"),
+])
+def test_bad_config_says_what_to_change(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        tiny(**kwargs)
