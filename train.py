@@ -1,0 +1,697 @@
+"""
+Train one looped GPT with the paper's recipe and write one JSON that fit_law.py reads.
+
+    python train.py --size 10 --r 4 --target-flops 1e18 --data data/fineweb-edu
+    torchrun --nproc_per_node=8 train.py ...          # data parallel, same result
+
+Flow of one run:
+    flags -> GPTConfig (model.py) -> horizon: steps = round(C / (F*B)), D = steps*B
+          -> learning rates (HyperP rules of SPEC.md section 3)
+          -> for each step: TrainLoader (prepare_data.py) gives the step's windows,
+             gradient accumulation over micro-batches, MuonH on block matrices, AdamW on the rest,
+             linear decay 1.0 -> 0.1
+          -> validation loss (nats/token) and bits per byte on a fixed val prefix
+          -> <out>/<tag>.json, status "ok" | "failed" | "preempted"
+
+Checkpoints (--save-every, SIGTERM/SIGUSR1) go to <out>/<tag>/ and --resume continues the newest
+bit for bit. `--dry-run` prints the plan without data; `--bench` times steps on random tokens.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections import defaultdict
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, GPTConfig, INJECTIONS, count_params, flops_per_token
+
+BASE_BATCH = 2 ** 18
+# D_ref = 10 x (N_once + r*N_rec) of the s=10 reference models of SPEC.md section 3.
+D_REF_LOOPED = 1_016_083_200       # 2-4-2, r = 4
+D_REF_PLAIN = 983_315_200          # 0-20-0, r = 1
+# dense bf16 peak per GPU (the MFU denominators; SPEC.md section 7 uses 989 TFLOP/s on H100)
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+              "A10": 125e12, "4090": 165e12, "B200": 2250e12}
+
+
+class RunError(Exception):
+    """A problem with the run's inputs: reported in one line, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model (see model.py)")
+    m.add_argument("--size", type=int, default=10, help="width scale s: d_model = 64*s rounded up to head_dim")
+    m.add_argument("--r", type=int, default=1, help="recurrences of the shared block (1 = plain GPT)")
+    m.add_argument("--depth", type=int, default=20, help="effective depth n_prelude + r*n_recur + n_coda")
+    m.add_argument("--n-prelude", type=int, default=2)
+    m.add_argument("--n-coda", type=int, default=2)
+    m.add_argument("--injection", default="linear", choices=INJECTIONS)
+    m.add_argument("--lanes", type=int, default=2, help="hyperconnect lanes K")
+    m.add_argument("--bptt-k", type=int, default=None, help="recurrences with gradient (default: all)")
+    m.add_argument("--head-dim", type=int, default=128)
+    m.add_argument("--seq-len", type=int, default=2048)
+    m.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size; only needed without --data (--dry-run, --bench)")
+    h = p.add_argument_group("horizon (exactly one)")
+    h.add_argument("--target-flops", type=float, default=None, help="compute budget C: steps = round(C/(F*B))")
+    h.add_argument("--tokens", type=float, default=None, help="training tokens D")
+    h.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    b = p.add_argument_group("batch and optimizer (SPEC.md section 3)")
+    b.add_argument("--batch-tokens", type=int, default=BASE_BATCH, help="tokens per optimizer step B")
+    b.add_argument("--device-batch", type=int, default=None, help="rows per micro-step per GPU (default: what fits)")
+    b.add_argument("--muon-lr", type=float, default=None, help="override the HyperP MuonH learning rate")
+    b.add_argument("--embedding-lr", type=float, default=None)
+    b.add_argument("--lm-head-lr", type=float, default=None)
+    b.add_argument("--norm-lr", type=float, default=None)
+    b.add_argument("--hyperconnect-lr", type=float, default=None)
+    b.add_argument("--final-lr-frac", type=float, default=0.1, help="learning rate at the end / peak")
+    b.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    b.add_argument("--data-seed", type=int, default=None, help="data order seed (default: --seed)")
+    d = p.add_argument_group("data, evaluation, output")
+    d.add_argument("--data", default="data/local", help="directory written by prepare_data.py")
+    d.add_argument("--eval-tokens", type=int, default=None,
+                   help="validation tokens (default 10,485,760 on GPU, 131,072 on CPU; capped by the val split)")
+    d.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    d.add_argument("--log-every", type=int, default=10)
+    d.add_argument("--samples", type=int, default=2, help="greedy samples printed at the end")
+    d.add_argument("--out", default="runs", help="directory for <tag>.json and checkpoints <tag>/")
+    d.add_argument("--tag", default=None, help="run name (default: encodes every setting)")
+    d.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    d.add_argument("--save-final", action="store_true", help="checkpoint at the end")
+    d.add_argument("--keep-checkpoints", type=int, default=2)
+    d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this tag, if any")
+    s = p.add_argument_group("system")
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--no-compile", action="store_true", help="skip torch.compile (always off on CPU)")
+    s.add_argument("--dry-run", action="store_true", help="print the plan as JSON; no data, no training")
+    s.add_argument("--bench", action="store_true", help="time steps on random tokens; prints tokens/s, MFU, memory")
+    s.add_argument("--bench-steps", type=int, default=12)
+    s.add_argument("--debug-nan-at", type=int, default=None, help=argparse.SUPPRESS)  # tests: poison a step
+    return p
+
+
+def model_config(args, vocab_size):
+    try:
+        return GPTConfig(vocab_size=vocab_size, seq_len=args.seq_len, size=args.size,
+                         head_dim=args.head_dim, depth=args.depth, n_prelude=args.n_prelude,
+                         n_coda=args.n_coda, r=args.r, injection=args.injection,
+                         lanes=args.lanes, bptt_k=args.bptt_k)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+
+
+# -----------------------------------------------------------------------------
+# Horizon and learning rates (SPEC.md sections 2-3)
+
+def plan_horizon(args, flops_tok):
+    """-> (steps, planned tokens D used by the lr rule)."""
+    given = [x is not None for x in (args.target_flops, args.tokens, args.steps)]
+    if sum(given) != 1:
+        raise RunError("give exactly one of --target-flops, --tokens, --steps")
+    B = args.batch_tokens
+    if args.target_flops is not None:
+        if args.target_flops <= 0:
+            raise RunError("--target-flops must be positive")
+        steps, planned = round(args.target_flops / (flops_tok * B)), args.target_flops / flops_tok
+    elif args.tokens is not None:
+        steps = round(args.tokens / B)
+        planned = steps * B
+    else:
+        steps = args.steps
+        planned = steps * B
+    if steps < 1:
+        raise RunError(f"the horizon gives {steps} steps of {B} tokens: raise the budget or shrink --batch-tokens")
+    return steps, planned
+
+
+def learning_rates(cfg, batch_tokens, planned_tokens, overrides=None):
+    """HyperP transfer: MuonH lr scales with batch and horizon; AdamW lrs with width (and batch)."""
+    batch_factor = (batch_tokens / BASE_BATCH) ** 0.558
+    d_ref = D_REF_PLAIN if cfg.r == 1 else D_REF_LOOPED
+    width_factor = (cfg.d_model / 640) ** -0.5
+    lrs = dict(matrix=0.014 * batch_factor * (planned_tokens / d_ref) ** -0.32,
+               embedding=0.3 * width_factor * batch_factor,
+               lm_head=0.004 * width_factor * batch_factor,
+               norm=0.005 * width_factor,
+               hyperconnect=0.01 * width_factor)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            lrs[name] = value
+    return lrs
+
+
+def lr_factor(step, steps, final_frac):
+    """No warmup; linear decay from 1.0 at the first step to final_frac at the last."""
+    return 1.0 - (1.0 - final_frac) * (step / max(steps - 1, 1))
+
+
+# -----------------------------------------------------------------------------
+# MuonH: Muon on a sphere of fixed radius per matrix
+
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def orthogonalize(G, dtype=torch.bfloat16):
+    """Polar Express: an approximate U V^T of a (stack of) matrices G = U S V^T."""
+    X = G.to(dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:                               # iterate on the smaller Gram matrix
+        X = X.mT
+    X = X / (1.02 * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for a, b, c in POLAR_EXPRESS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if tall else X
+
+
+class MuonH(torch.optim.Optimizer):
+    """Nesterov momentum -> orthogonalised update scaled to the matrix's radius -> step ->
+    project the matrix back onto its sphere. The radius (Frobenius norm at initialisation) lives
+    in the optimizer state, so it survives checkpoints. Matrices of one shape are processed as
+    one stacked batch."""
+
+    def __init__(self, params, lr, momentum=0.95, ortho_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+        self.ortho_dtype = ortho_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["radius"] = p.detach().norm().float()
+                self.state[p]["momentum"] = torch.zeros_like(p)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            by_shape = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape[p.shape].append(p)
+            for params in by_shape.values():
+                self.update_same_shape(params, group["lr"], group["momentum"])
+
+    def update_same_shape(self, params, lr, mu):
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum"] for p in params]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        nesterov = torch._foreach_add(grads, bufs, alpha=mu)
+        radius = torch.stack([self.state[p]["radius"] for p in params]).view(-1, 1, 1)
+        U = orthogonalize(torch.stack(nesterov), self.ortho_dtype).float()
+        U = U * (radius / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
+        W = torch.stack(params).float() - lr * U
+        W = W * (radius / W.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
+        torch._foreach_copy_(params, list(W.to(params[0].dtype).unbind(0)))
+
+
+def build_optimizers(model, lrs, device_type):
+    groups = model.param_groups()
+    muon = MuonH(groups["matrix"], lr=lrs["matrix"],
+                 ortho_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32)
+    adam_groups = [dict(params=groups[name], lr=lrs[name], name=name)
+                   for name in ("embedding", "lm_head", "norm", "hyperconnect") if groups[name]]
+    adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+                             fused=device_type == "cuda")
+    for opt in (muon, adam):
+        for g in opt.param_groups:
+            g["peak_lr"] = g["lr"]
+    return [muon, adam]
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup, devices, bookkeeping
+
+def setup_distributed(args):
+    """Reads torchrun's (or Slurm's) environment; returns rank, local_rank, world_size, device."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError("--device cuda but no GPU is visible")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return rank, local_rank, world, device
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None, "cpu (no MFU)"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value, f"{name}, bf16 dense peak {value / 1e12:.0f} TFLOP/s"
+    return None, f"{name} (peak unknown: no MFU)"
+
+
+def default_device_batch(cfg, rows_per_step, world, device):
+    """Rows per micro-step: as large as memory allows, dividing the rows each rank must do."""
+    per_rank = rows_per_step // world
+    if device.type == "cuda":
+        mem = torch.cuda.get_device_properties(device).total_memory
+        # calibrated so s=10 fits 32 rows and s=20 fits 16 rows of 2048 on an 80 GB card
+        budget_rows = mem / 80e9 * 8.4e8 / (cfg.seq_len * cfg.d_model * cfg.depth)
+    else:
+        budget_rows = 8
+    rows = 1
+    while rows * 2 <= min(per_rank, budget_rows) and per_rank % (rows * 2) == 0:
+        rows *= 2
+    return rows
+
+
+def git_state():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def default_tag(args, cfg, data_name):
+    horizon = (f"C{args.target_flops:.3g}" if args.target_flops is not None else
+               f"D{args.tokens:.3g}" if args.tokens is not None else f"S{args.steps}")
+    loop = f"{cfg.n_prelude}-{cfg.n_recur}x{cfg.r}-{cfg.n_coda}"
+    inj = cfg.injection + (f"K{cfg.lanes}" if cfg.injection == "hyperconnect" else "")
+    k = f"_k{cfg.bptt_k}" if cfg.bptt_k not in (None, cfg.r) else ""
+    data_seed = "" if args.data_seed in (None, args.seed) else f"_ds{args.data_seed}"
+    return (f"s{args.size}_{loop}_{inj}{k}_hd{args.head_dim}_{horizon}_T{args.seq_len}"
+            f"_B{args.batch_tokens}_seed{args.seed}{data_seed}_{data_name}").replace("+", "")
+
+
+def write_json(path, record):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def checkpoint_dir(args, tag):
+    return os.path.join(args.out, tag)
+
+
+def save_checkpoint(args, tag, step, model, optimizers, history, elapsed):
+    folder = checkpoint_dir(args, tag)
+    os.makedirs(folder, exist_ok=True)
+    state = dict(step=step, model=model.state_dict(),
+                 optimizers=[opt.state_dict() for opt in optimizers],
+                 history=history, elapsed=elapsed, cpu_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    path = os.path.join(folder, f"ckpt_{step:07d}.pt")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    for old in sorted(f for f in os.listdir(folder) if f.startswith("ckpt_") and f.endswith(".pt"))[:-args.keep_checkpoints]:
+        os.remove(os.path.join(folder, old))
+    return path
+
+
+def newest_checkpoint(args, tag):
+    folder = checkpoint_dir(args, tag)
+    if not os.path.isdir(folder):
+        return None
+    names = sorted(f for f in os.listdir(folder) if f.startswith("ckpt_") and f.endswith(".pt"))
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def load_checkpoint(path, model, optimizers, device):
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(opt_state)
+    torch.set_rng_state(state["cpu_rng"].cpu())
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+    return state["step"], state["history"], state["elapsed"]
+
+
+# -----------------------------------------------------------------------------
+# Evaluation and samples
+
+@torch.no_grad()
+def evaluate(model, data_dir, cfg, n_tokens, device_batch, rank, world, device, autocast, byte_lengths):
+    """Mean val cross-entropy (nats/token) and bits per byte over a fixed val prefix."""
+    import prepare_data
+    totals = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, tokens, bytes
+    for x, y in prepare_data.val_batches(data_dir, cfg.seq_len, n_tokens, device_batch, rank, world):
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        with autocast:
+            losses = model(x, y, reduction="none")
+        totals[0] += losses.double().sum()
+        totals[1] += y.numel()
+        if byte_lengths is not None:
+            totals[2] += byte_lengths[y].sum()
+    if world > 1:
+        dist.all_reduce(totals)
+    loss_sum, tokens, nbytes = totals.tolist()
+    val_loss = loss_sum / max(tokens, 1)
+    bpb = loss_sum / (math.log(2) * nbytes) if nbytes > 0 else None
+    return val_loss, bpb, int(tokens)
+
+
+def greedy_samples(model, data_dir, cfg, device, n, max_new=48):
+    import prepare_data
+    try:
+        enc = prepare_data.load_tokenizer(data_dir)
+    except Exception as err:          # a tokenizer we cannot load only costs the samples
+        return [f"(no samples: {err})"]
+    prompts = ["def ", "import ", "class ", "The "][:n]
+    out = []
+    for text in prompts:
+        ids = enc.encode_ordinary(text)
+        idx = torch.tensor([ids], device=device)
+        new = model.generate(idx, min(max_new, cfg.seq_len - len(ids)), temperature=0)[0].tolist()
+        out.append(enc.decode([t for t in new if t < enc.n_vocab]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+class Preempted(Exception):
+    pass
+
+
+class Run:
+    """Holds everything one training run needs; `train()` does the work."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.local_rank, self.world, self.device = setup_distributed(args)
+        self.master = self.rank == 0
+        self.stop_requested = False
+
+    def log(self, msg):
+        if self.master:
+            print(msg, flush=True)
+
+
+def describe(args, cfg, data_meta):
+    counts = count_params(cfg)
+    F_tok = flops_per_token(cfg)
+    steps, planned = plan_horizon(args, F_tok)
+    lrs = learning_rates(cfg, args.batch_tokens, planned,
+                         dict(matrix=args.muon_lr, embedding=args.embedding_lr, lm_head=args.lm_head_lr,
+                              norm=args.norm_lr, hyperconnect=args.hyperconnect_lr))
+    record = dict(cfg.to_dict(), **counts)
+    record.update(flops_per_token=F_tok, target_flops=args.target_flops, batch_tokens=args.batch_tokens,
+                  steps=steps, tokens=steps * args.batch_tokens, planned_tokens=planned,
+                  train_flops=F_tok * steps * args.batch_tokens, lr=lrs, seed=args.seed,
+                  data_seed=args.seed if args.data_seed is None else args.data_seed,
+                  final_lr_frac=args.final_lr_frac)
+    if data_meta is not None:
+        record.update(data=args.data, data_checksum=data_meta.get("checksum"),
+                      tokenizer=data_meta.get("tokenizer"))
+    return record
+
+
+def train(args):
+    run = Run(args)
+    meta = None
+    if args.bench or args.dry_run:
+        vocab = args.vocab_size or 32001
+    else:
+        import prepare_data
+        try:
+            meta = prepare_data.load_meta(args.data)
+        except prepare_data.DataError as err:
+            raise RunError(str(err)) from None
+        vocab = meta["vocab_size"]
+    cfg = model_config(args, vocab)
+    plan = describe(args, cfg, meta)
+    if args.dry_run:
+        print(json.dumps(plan, indent=1))
+        return 0
+    device = run.device
+    B, T = args.batch_tokens, cfg.seq_len
+    if B % T:
+        raise RunError(f"--batch-tokens {B} is not a multiple of --seq-len {T}")
+    rows_per_step = B // T
+    if rows_per_step % run.world:
+        raise RunError(f"{rows_per_step} rows per step do not split over {run.world} ranks")
+    device_batch = args.device_batch or default_device_batch(cfg, rows_per_step, run.world, device)
+    if rows_per_step % (run.world * device_batch):
+        raise RunError(f"--device-batch {device_batch} x {run.world} ranks does not divide the "
+                       f"{rows_per_step} rows of a step (--batch-tokens {B} / --seq-len {T})")
+    n_micro = rows_per_step // (run.world * device_batch)
+    steps = plan["steps"]
+    data_name = os.path.basename(os.path.normpath(args.data)) if not args.bench else "random"
+    tag = args.tag or default_tag(args, cfg, data_name)
+    json_path = os.path.join(args.out, tag + ".json")
+
+    torch.manual_seed(args.seed)
+    model = GPT(cfg).to(device)
+    optimizers = build_optimizers(model, plan["lr"], device.type)
+    use_compile = device.type == "cuda" and not args.no_compile
+    fwd_model = torch.compile(model) if use_compile else model
+    if run.world > 1:
+        fwd_model = DDP(fwd_model, device_ids=[run.local_rank] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    peak, peak_desc = peak_flops(device)
+
+    commit, dirty = git_state()
+    record = dict(plan, status="running", error=None, tag=tag, device_batch=device_batch,
+                  grad_accum=n_micro, world_size=run.world,
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  mfu_peak=peak_desc, torch_version=torch.__version__, cuda_version=torch.version.cuda,
+                  git_commit=commit, git_dirty=dirty, command=" ".join(sys.argv), compiled=use_compile)
+
+    if args.bench:
+        return bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, plan)
+
+    os.makedirs(args.out, exist_ok=True)
+    loader = prepare_data.TrainLoader(args.data, T, B, device_batch,
+                                      seed=plan["data_seed"], rank=run.rank, world_size=run.world)
+    byte_lengths = prepare_data.token_byte_lengths(args.data)
+    byte_lengths = torch.as_tensor(byte_lengths, device=device) if byte_lengths is not None else None
+    eval_tokens = args.eval_tokens or (10_485_760 if device.type == "cuda" else 131_072)
+
+    start_step, history, elapsed_before = 0, [], 0.0
+    ckpt = newest_checkpoint(args, tag) if args.resume else None
+    if ckpt:
+        start_step, history, elapsed_before = load_checkpoint(ckpt, model, optimizers, device)
+        run.log(f"resumed {ckpt} at step {start_step}")
+
+    def request_stop(signum, frame):
+        run.stop_requested = True
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+
+    run.log(f"run {tag}: d_model={cfg.d_model} layout {cfg.n_prelude}-{cfg.n_recur}x{cfg.r}-{cfg.n_coda} "
+            f"N_once={plan['n_once']:,} N_rec={plan['n_rec']:,} F/token={plan['flops_per_token']:.4g} "
+            f"steps={steps} D={plan['tokens']:,} micro-batch {device_batch}x{n_micro}x{run.world} "
+            f"muon lr={plan['lr']['matrix']:.4g} on {record['device']} ({peak_desc})")
+
+    def finish(status, error=None, extra=None):
+        record.update(status=status, error=error, history=history, **(extra or {}))
+        if run.master:
+            write_json(json_path, record)
+
+    t_start = time.time()
+    step = start_step
+    try:
+        step, train_loss, tok_per_s = training_loop(
+            run, args, cfg, fwd_model, model, optimizers, loader, autocast, steps, start_step,
+            n_micro, history, peak, elapsed_before, tag, eval_fn=lambda: evaluate(
+                model, args.data, cfg, eval_tokens, device_batch, run.rank, run.world, device,
+                autocast, byte_lengths))
+        val_loss, val_bpb, eval_used = evaluate(model, args.data, cfg, eval_tokens, device_batch,
+                                                run.rank, run.world, device, autocast, byte_lengths)
+        wall = elapsed_before + time.time() - t_start
+        history.append(dict(step=steps, tokens=steps * B, train_loss=train_loss, val_loss=val_loss))
+        samples = greedy_samples(model, args.data, cfg, device, args.samples) if run.master and args.samples else []
+        for s in samples:
+            run.log(f"sample: {s!r}")
+        if args.save_final and run.master:
+            save_checkpoint(args, tag, steps, model, optimizers, history, wall)
+        mfu = tok_per_s * plan["flops_per_token"] / (peak * run.world) if peak and tok_per_s else None
+        finish("ok", extra=dict(val_loss=val_loss, val_bpb=val_bpb, eval_tokens=eval_used,
+                                train_loss=train_loss, wall_seconds=wall, tokens_per_second=tok_per_s,
+                                mfu=mfu, epochs=loader.epochs_seen(steps), samples=samples,
+                                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30
+                                if device.type == "cuda" else None))
+        bpb = f"{val_bpb:.4f}" if val_bpb is not None else "n/a"
+        run.log(f"done: val_loss {val_loss:.4f} nats/token, {bpb} bits/byte, {wall / 60:.1f} min -> {json_path}")
+        return 0
+    except Preempted as stop:
+        step = stop.args[0]
+        if run.master:
+            path = save_checkpoint(args, tag, step, model, optimizers, history, elapsed_before + time.time() - t_start)
+            run.log(f"preempted at step {step}: saved {path}")
+        finish("preempted", error=f"stopped by signal at step {step}; rerun with --resume",
+               extra=dict(preempted_at_step=step))
+        return 0
+    except FloatingPointError as err:
+        finish("failed", error=str(err))
+        run.log(f"failed: {err}")
+        return 1
+    except torch.OutOfMemoryError:
+        msg = (f"out of memory with --device-batch {device_batch}; try a smaller one "
+               f"(gradient accumulation keeps the batch)")
+        finish("failed", error=msg)
+        run.log(f"failed: {msg}")
+        return 1
+    except Exception as err:
+        finish("failed", error=f"{type(err).__name__}: {err}", extra=dict(traceback=traceback.format_exc()))
+        raise
+
+
+def training_loop(run, args, cfg, fwd_model, model, optimizers, loader, autocast, steps, start_step,
+                  n_micro, history, peak, elapsed_before, tag, eval_fn):
+    device, B = run.device, args.batch_tokens
+    loss_sum = torch.zeros((), device=device)          # summed on device: no per-step host sync
+    t_window, steps_in_window = time.time(), 0
+    t0 = time.time()
+    train_loss, tok_per_s = float("nan"), None
+    for step in range(start_step, steps):
+        factor = lr_factor(step, steps, args.final_lr_frac)
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["peak_lr"] * factor
+        for micro in range(n_micro):
+            x, y = loader.batch(step, micro)
+            x = torch.from_numpy(x).to(device, non_blocking=True)
+            y = torch.from_numpy(y).to(device, non_blocking=True)
+            sync = nullcontext() if (run.world == 1 or micro == n_micro - 1) else fwd_model.no_sync()
+            with sync, autocast:
+                loss = fwd_model(x, y) / n_micro
+            if args.debug_nan_at == step:
+                loss = loss * float("nan")
+            loss.backward()
+            loss_sum += loss.detach()
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        steps_in_window += 1
+        last = step == steps - 1
+        if (step + 1) % args.log_every == 0 or last:
+            mean = loss_sum / steps_in_window
+            if run.world > 1:
+                dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+            train_loss = mean.item()
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"loss became {train_loss} by step {step + 1}; "
+                                         f"lower the learning rate or check the data")
+            now = time.time()
+            tok_per_s = steps_in_window * B / (now - t_window)
+            elapsed = elapsed_before + now - t0
+            eta = (now - t0) / (step + 1 - start_step) * (steps - step - 1)
+            mfu = f"{tok_per_s * model.flops_per_token() / (peak * run.world):.1%}" if peak else "n/a"
+            history.append(dict(step=step + 1, tokens=(step + 1) * B, train_loss=train_loss))
+            run.log(f"step {step + 1:>6}/{steps} loss {train_loss:.4f} lr x{factor:.3f} "
+                    f"{tok_per_s:,.0f} tok/s MFU {mfu} elapsed {elapsed / 60:.1f}m ETA {eta / 60:.1f}m")
+            loss_sum.zero_()
+            t_window, steps_in_window = time.time(), 0
+        if args.eval_every and (step + 1) % args.eval_every == 0 and not last:
+            val_loss, _, _ = eval_fn()
+            if history and history[-1]["step"] == step + 1:
+                history[-1]["val_loss"] = val_loss
+            else:
+                history.append(dict(step=step + 1, tokens=(step + 1) * B, val_loss=val_loss))
+            run.log(f"step {step + 1:>6} val_loss {val_loss:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and not last and run.master:
+            save_checkpoint(args, tag, step + 1, model, optimizers, history, elapsed_before + time.time() - t0)
+        if stop_agreed(run) and not last:
+            raise Preempted(step + 1)
+    return steps, train_loss, tok_per_s
+
+
+def stop_agreed(run):
+    """All ranks stop at the same step if any of them got the signal."""
+    if run.world == 1:
+        return run.stop_requested
+    flag = torch.tensor([1.0 if run.stop_requested else 0.0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, plan):
+    """Full optimizer steps on random tokens: tokens/s, MFU, peak memory."""
+    device, B = run.device, args.batch_tokens
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (device_batch, cfg.seq_len + 1), generator=gen)
+               for _ in range(2)]
+    warmup = max(2, args.bench_steps // 3)
+    times = []
+    for step in range(args.bench_steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.time()
+        for micro in range(n_micro):
+            xy = batches[micro % 2].to(device, non_blocking=True)
+            sync = nullcontext() if (run.world == 1 or micro == n_micro - 1) else fwd_model.no_sync()
+            with sync, autocast:
+                loss = fwd_model(xy[:, :-1], xy[:, 1:]) / n_micro
+            loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t)
+        if step == 0 and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+    step_time = float(np.median(times[warmup:]))
+    tok_s = B / step_time
+    mfu = tok_s * plan["flops_per_token"] / (peak * run.world) if peak else None
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    result = dict(size=cfg.size, r=cfg.r, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
+                  device_batch=device_batch, grad_accum=n_micro, world_size=run.world,
+                  step_seconds=step_time, tokens_per_second=tok_s, mfu=mfu, peak_memory_gib=mem,
+                  loss=loss.item() * n_micro, flops_per_token=plan["flops_per_token"])
+    if run.master:
+        print("BENCH " + json.dumps(result), flush=True)
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if (args.bench or args.dry_run) and all(x is None for x in (args.target_flops, args.tokens, args.steps)):
+        args.steps = args.bench_steps if args.bench else None
+    try:
+        code = train(args)
+    except RunError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        code = 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
