@@ -1,0 +1,1083 @@
+"""
+Fit the looped-transformer scaling law to finished training runs.
+
+    L = E + A * (N_once + r^phi * N_rec)^(-alpha) + B * D^(-beta)
+
+phi is the recurrence-equivalence exponent: one extra pass through the shared block is worth
+r^phi times its unique parameters. Data flows through this file in one direction:
+
+    run JSONs / CSVs  --load_points-->  Points (one per run: N_once, N_rec, r, D, L, budget C)
+      --fit_law-->  Fit (Huber on log loss, summed; L-BFGS-B from many random starts)
+      --> diagnostics (per-r and restricted fits, bootstrap CI of phi, residuals, held-out budget)
+      --> decisions (compute-optimal width per budget from FLOPs/params polynomials recovered
+          from the runs, empirical optima, N_eff equivalences)  -->  report / --json / --plot
+
+Only numpy and scipy are needed (matplotlib for --plot). Run `python fit_law.py --help`.
+"""
+
+import os
+
+# L-BFGS-B on six parameters calls BLAS on tiny vectors; OpenBLAS threads only add overhead there
+# (25x slower on a busy 2-core machine). OpenBLAS reads this when scipy loads it, so set it first.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize, minimize_scalar  # noqa: E402
+
+HUBER_DELTA = 1e-3
+PARAM_NAMES = ("a", "alpha", "b", "beta", "e", "phi")  # A = e^a, B = e^b, E = e^e
+BOUNDS = np.array([(-5.0, 35.0), (0.0, 2.5), (-5.0, 35.0), (0.0, 2.5), (-3.0, 2.0), (-3.0, 3.0)])
+MAX_ITER = 10_000
+CSV_REQUIRED = ("N_once", "N_rec", "r", "D", "L")
+# runs that disagree on any of these measure different things and cannot share one law
+MUST_AGREE = ("data_checksum", "tokenizer", "seq_len", "batch_tokens")
+# runs that agree on all of these share one architecture: params and FLOPs are polynomials in d
+ARCH_KEYS = ("r", "depth", "n_prelude", "n_recur", "n_coda", "injection", "lanes", "bptt_k",
+             "seq_len", "vocab_size")
+
+
+class InputError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2."""
+
+
+def warn(msg):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+class Progress:
+    """A progress line with ETA on stderr (rewritten in place on a terminal, sparse otherwise)."""
+
+    def __init__(self, label, total, enabled=True):
+        self.label, self.total, self.enabled = label, total, enabled and total > 0
+        self.start = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+        self.finished = False
+
+    def update(self, done):
+        if not self.enabled or self.finished:
+            return
+        self.finished = done >= self.total
+        now = time.time()
+        if done < self.total and now - self.last < (0.2 if self.tty else 10.0):
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        line = f"{self.label}: {done}/{self.total}  {elapsed:.0f}s elapsed, ETA {eta:.0f}s"
+        if self.tty:
+            print("\r" + line + ("\n" if done == self.total else ""), end="", file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading runs
+
+@dataclass
+class Points:
+    """One row per run. C is the compute budget (nan where unknown); meta holds everything else."""
+    n_once: np.ndarray
+    n_rec: np.ndarray
+    r: np.ndarray
+    D: np.ndarray
+    L: np.ndarray
+    C: np.ndarray
+    meta: list = field(default_factory=list)
+    source: list = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.L)
+
+    def subset(self, idx):
+        idx = np.asarray(idx, dtype=int)
+        return Points(self.n_once[idx], self.n_rec[idx], self.r[idx], self.D[idx], self.L[idx],
+                      self.C[idx], [self.meta[i] for i in idx], [self.source[i] for i in idx])
+
+    @property
+    def has_budget(self):
+        return bool(np.all(np.isfinite(self.C)))
+
+    def budget_keys(self):
+        return np.array([float(f"{c:.4g}") for c in self.C])
+
+
+def points_from_rows(rows):
+    """rows: list of dicts with N_once, N_rec, r, D, L, C (optional), meta, source."""
+    col = lambda k: np.array([float(row.get(k, math.nan)) for row in rows])
+    return Points(col("N_once"), col("N_rec"), col("r"), col("D"), col("L"), col("C"),
+                  [row.get("meta", {}) for row in rows], [row.get("source", "?") for row in rows])
+
+
+def as_number(value, what, where):
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {what} is not a number: {value!r}")
+    if not math.isfinite(x):
+        raise InputError(f"{where}: {what} is not finite: {value!r}")
+    return x
+
+
+def check_row(row, where):
+    if row["D"] <= 0 or row["L"] <= 0 or row["r"] < 1:
+        raise InputError(f"{where}: need D > 0, L > 0 and r >= 1 (got D={row['D']:g}, "
+                         f"L={row['L']:g}, r={row['r']:g})")
+    if row["N_once"] < 0 or row["N_rec"] < 0 or row["N_once"] + row["N_rec"] <= 0:
+        raise InputError(f"{where}: need N_once, N_rec >= 0 with a positive sum")
+    return row
+
+
+def read_run_json(path):
+    """Returns (row or None, why skipped). Raises InputError for a malformed file."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not readable JSON ({str(err).splitlines()[0]})")
+    if not isinstance(run, dict) or "status" not in run:
+        return None, "not a run JSON (no 'status' key)"
+    if run["status"] != "ok":
+        err = run.get("error")
+        return None, f"status {run['status']!r}" + (f" ({str(err).splitlines()[0][:80]})" if err else "")
+    missing = [k for k in ("n_once", "n_rec", "r", "tokens", "val_loss") if run.get(k) is None]
+    if missing:
+        return None, f"incomplete (no {', '.join(missing)})"
+    row = {"N_once": as_number(run["n_once"], "n_once", path),
+           "N_rec": as_number(run["n_rec"], "n_rec", path),
+           "r": as_number(run["r"], "r", path),
+           "D": as_number(run["tokens"], "tokens", path),
+           "L": as_number(run["val_loss"], "val_loss", path),
+           "C": as_number(run["target_flops"], "target_flops", path)
+           if run.get("target_flops") is not None else math.nan,
+           "meta": run, "source": path}
+    return check_row(row, path), None
+
+
+def read_csv_rows(path):
+    try:
+        with open(path, newline="") as f:
+            table = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{path}: not a readable CSV ({err})")
+    if not table:
+        raise InputError(f"{path}: CSV has no rows")
+    missing = [k for k in CSV_REQUIRED if k not in table[0]]
+    if missing:
+        raise InputError(f"{path}: CSV lacks column(s) {', '.join(missing)} "
+                         f"(need {','.join(CSV_REQUIRED)}; optional C and group columns)")
+    rows = []
+    for i, line in enumerate(table, start=2):
+        where = f"{path}:{i}"
+        row = {k: as_number(line[k], k, where) for k in CSV_REQUIRED}
+        row["C"] = as_number(line["C"], "C", where) if line.get("C") not in (None, "") else math.nan
+        meta = {k: v for k, v in line.items() if k not in CSV_REQUIRED + ("C",)}
+        for k, v in meta.items():  # numeric-looking metadata (d_model, ...) becomes numbers
+            try:
+                meta[k] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
+            except (ValueError, AttributeError):
+                pass
+        row.update(meta=meta, source=where)
+        rows.append(check_row(row, where))
+    return rows
+
+
+def find_files(paths):
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
+                           if f.endswith((".json", ".csv")))
+            if not found:
+                raise InputError(f"{p}: directory holds no .json or .csv files")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or directory")
+    return files
+
+
+def load_points(paths, allow_mixed=False):
+    """Reads every input into Points, skipping failed runs and dropping exact duplicates."""
+    rows, skipped = [], []
+    for path in find_files(paths):
+        if path.endswith(".csv"):
+            rows += read_csv_rows(path)
+            continue
+        row, why = read_run_json(path)
+        if row is None:
+            if not why.startswith("not a run"):
+                skipped.append(f"skipping {path}: {why}")
+        else:
+            rows.append(row)
+    if not rows:
+        raise InputError(f"no usable runs in {' '.join(paths)}"
+                         + (f" ({len(skipped)} failed or incomplete)" if skipped else ""))
+    for msg in skipped:
+        warn(msg)
+    if not allow_mixed:
+        check_one_law(rows)
+    return points_from_rows(drop_duplicates(rows))
+
+
+def check_one_law(rows):
+    for key in MUST_AGREE:
+        values = {str(row["meta"][key]) for row in rows if row["meta"].get(key) is not None}
+        if len(values) > 1:
+            raise InputError(f"runs differ in {key} ({', '.join(sorted(values)[:3])}"
+                             f"{', ...' if len(values) > 3 else ''}): they cannot share one law "
+                             f"(pass --allow-mixed to fit them anyway)")
+
+
+def drop_duplicates(rows):
+    seen, kept = {}, []
+    for row in rows:
+        key = tuple(row[k] for k in ("N_once", "N_rec", "r", "D", "L", "C"))
+        if key in seen:
+            warn(f"dropping {row['source']}: exact duplicate of {seen[key]}")
+        else:
+            seen[key] = row["source"]
+            kept.append(row)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective: Huber on log loss, with an analytic gradient
+
+def huber(x, delta=HUBER_DELTA):
+    ax = np.abs(x)
+    return np.where(ax <= delta, 0.5 * x * x, delta * (ax - 0.5 * delta))
+
+
+def law_arrays(points):
+    """The logs the objective works on. N_rec = 0 gives log 0 = -inf, which logaddexp handles."""
+    with np.errstate(divide="ignore"):
+        return (np.log(points.n_once), np.log(points.n_rec), np.log(points.r),
+                np.log(points.D), np.log(points.L))
+
+
+def log_n_eff(phi, logN_once, logN_rec, log_r):
+    return np.logaddexp(logN_once, phi * log_r + logN_rec)
+
+
+def objective_and_grad(params, logN_once, logN_rec, log_r, logD, logL,
+                       delta=HUBER_DELTA, reduce="sum"):
+    """Huber_delta(LSE(a - alpha log N_eff, b - beta log D, e) - log L), reduced over points.
+
+    reduce='sum' is the paper's choice. 'mean' is here to show the pitfall: it shrinks the
+    gradient by 1/n and L-BFGS-B then stops almost at once.
+    """
+    a, alpha, b, beta, e, phi = params
+    logNe = log_n_eff(phi, logN_once, logN_rec, log_r)
+    t1, t2 = a - alpha * logNe, b - beta * logD
+    m = np.maximum(np.maximum(t1, t2), e)
+    x1, x2, x3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
+    total = x1 + x2 + x3
+    residual = m + np.log(total) - logL
+    slope = np.clip(residual, -delta, delta) / total  # Huber'(residual) times softmax denominators
+    g1, g2, g3 = slope * x1, slope * x2, slope * x3
+    rec_share = np.exp(phi * log_r + logN_rec - logNe)  # d log N_eff / d phi = rec_share * log r
+    grad = np.array([g1.sum(), -(g1 @ logNe), g2.sum(), -(g2 @ logD), g3.sum(),
+                     -alpha * (g1 @ (rec_share * log_r))])
+    value = huber(residual, delta).sum()
+    if reduce == "mean":
+        return value / len(logL), grad / len(logL)
+    if reduce != "sum":
+        raise ValueError(f"reduce must be 'sum' or 'mean', not {reduce!r}")
+    return value, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting
+
+@dataclass
+class Fit:
+    params: np.ndarray  # a, alpha, b, beta, e, phi
+    huber: float  # summed objective at the optimum
+    r2: float  # on raw nats
+    n: int
+    phi_free: bool
+    chinchilla: bool = False  # phi meaningless (N = N_once + N_rec, r^phi dropped)
+    phi_ci: tuple = None
+
+    A = property(lambda self: math.exp(self.params[0]))
+    alpha = property(lambda self: float(self.params[1]))
+    B = property(lambda self: math.exp(self.params[2]))
+    beta = property(lambda self: float(self.params[3]))
+    E = property(lambda self: math.exp(self.params[4]))
+    phi = property(lambda self: float(self.params[5]))
+
+    def loss(self, n_once, n_rec, r, D):
+        n_eff = n_once + n_rec if self.chinchilla else n_once + r ** self.phi * n_rec
+        return self.E + self.A * n_eff ** -self.alpha + self.B * np.asarray(D) ** -self.beta
+
+    def n_eff(self, points):
+        if self.chinchilla:
+            return points.n_once + points.n_rec
+        return points.n_once + points.r ** self.phi * points.n_rec
+
+    def predict(self, points):
+        return self.loss(points.n_once, points.n_rec, points.r, points.D)
+
+    def as_dict(self):
+        d = {"E": self.E, "A": self.A, "alpha": self.alpha, "B": self.B, "beta": self.beta}
+        if not self.chinchilla:
+            d["phi"] = self.phi
+            d["phi_free"] = self.phi_free
+        if self.phi_ci is not None:
+            d["phi_ci"] = list(self.phi_ci)
+        d.update(r2=self.r2, huber=self.huber, n=self.n)
+        return d
+
+
+def chinchilla_points(points):
+    """The same points with phi removed: all parameters count once (N_rec -> 0)."""
+    return Points(points.n_once + points.n_rec, np.zeros(len(points)), np.ones(len(points)),
+                  points.D, points.L, points.C, points.meta, points.source)
+
+
+def random_starts(rng, count, phi=None):
+    starts = rng.uniform(BOUNDS[:, 0], BOUNDS[:, 1], size=(count, len(PARAM_NAMES)))
+    if phi is not None:
+        starts[:, 5] = phi
+    return starts
+
+
+def minimize_from(x0, arrays, fix_phi, reduce, tight=False):
+    """One L-BFGS-B run. With fix_phi the optimiser sees only the first five parameters."""
+    if fix_phi is None:
+        fun, x0, bounds = (lambda p: objective_and_grad(p, *arrays, reduce=reduce)), x0, BOUNDS
+    else:
+        def fun(p):
+            value, grad = objective_and_grad(np.append(p, fix_phi), *arrays, reduce=reduce)
+            return value, grad[:5]
+        x0, bounds = x0[:5], BOUNDS[:5]
+    options = {"maxiter": MAX_ITER}
+    if tight:  # polish the winner: near a perfect fit f ~ 1e-10, so ftol (relative to
+        options.update(ftol=0.0, gtol=1e-14, maxfun=10 * MAX_ITER)  # max(f, 1)) stops too soon
+    result = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+    x = result.x if fix_phi is None else np.append(result.x, fix_phi)
+    return x, float(result.fun)
+
+
+def fit_law(points, fix_phi=None, restarts=500, seed=0, reduce="sum", extra_starts=(),
+            chinchilla=False, polish=True, progress=None):
+    """Best of `restarts` L-BFGS-B runs from uniform random starts in BOUNDS (plus extra_starts).
+
+    Nearly every start 'converges'; most land on plateaus where one term has vanished, so the
+    winner is picked by objective value and then (polish=True) refined with tight tolerances.
+    """
+    if chinchilla:
+        points, fix_phi = chinchilla_points(points), 0.0
+    n_params = 5 if fix_phi is not None else 6
+    if len(points) < n_params:
+        raise InputError(f"{len(points)} points cannot determine {n_params} parameters")
+    arrays = law_arrays(points)
+    rng = np.random.default_rng(seed)
+    starts = [np.asarray(s, dtype=float) for s in extra_starts]
+    starts += list(random_starts(rng, restarts, fix_phi))
+    if fix_phi is not None:
+        starts = [np.append(s[:5], fix_phi) for s in starts]
+    if not starts:
+        raise ValueError("fit_law needs restarts > 0 or extra_starts")
+    best_x, best_f = None, math.inf
+    for i, x0 in enumerate(starts):
+        x, f = minimize_from(x0, arrays, fix_phi, reduce)
+        if f < best_f:
+            best_x, best_f = x, f
+        if progress:
+            progress(i + 1, len(starts))
+    if polish:
+        x, f = minimize_from(best_x, arrays, fix_phi, reduce, tight=True)
+        if f <= best_f:
+            best_x = x
+    value, _ = objective_and_grad(best_x, *arrays, reduce="sum")
+    fit = Fit(best_x, float(value), 0.0, len(points), fix_phi is None, chinchilla)
+    fit.r2 = r_squared(points.L, fit.predict(points))
+    return fit
+
+
+def fit_chinchilla(points, restarts=500, seed=0, **kw):
+    """L = E + A N^-alpha + B D^-beta with N = N_once + N_rec: fit_law with phi removed."""
+    return fit_law(points, restarts=restarts, seed=seed, chinchilla=True, **kw)
+
+
+def phi_identifiable(points):
+    return bool(np.any((points.r > 1) & (points.n_rec > 0)))
+
+
+def r_squared(y, y_hat):
+    return float(1 - np.sum((y - y_hat) ** 2) / np.sum((y - np.mean(y)) ** 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics
+
+def fit_warnings(fit, points, name):
+    """Terms that vanished (constant over the data, or below a milli-nat) and parameters on bounds."""
+    out, x = [], fit.params
+    for term, values in (("A*N_eff^-alpha", fit.A * fit.n_eff(points) ** -fit.alpha),
+                         ("B*D^-beta", fit.B * points.D ** -fit.beta)):
+        if np.ptp(values) < 1e-3:
+            out.append(f"{name}: term {term} has vanished (varies by {np.ptp(values):.1e} nats "
+                       f"over the data; it acts as a constant)")
+    if fit.E < 0.05 + 1e-9:
+        out.append(f"{name}: E = {fit.E:.3g} has collapsed to its lower bound")
+    free = range(6) if fit.phi_free and not fit.chinchilla else range(5)
+    for i in free:
+        lo, hi = BOUNDS[i]
+        tol = 1e-6 * (hi - lo)
+        if x[i] - lo < tol or hi - x[i] < tol:
+            out.append(f"{name}: {PARAM_NAMES[i]} = {x[i]:.4g} sits on its bound [{lo:g}, {hi:g}]")
+    return out
+
+
+def residuals_by_r(fit, points):
+    resid = points.L - fit.predict(points)
+    table = []
+    for r in np.unique(points.r):
+        e = resid[points.r == r]
+        table.append({"r": float(r), "n": int(e.size), "mean": float(e.mean()),
+                      "max_abs": float(np.abs(e).max()), "rmse": float(np.sqrt(np.mean(e ** 2)))})
+    return table
+
+
+def held_out_largest_budget(points, restarts, seed, chinchilla=False, progress=None):
+    """Refit without the largest budget and measure the error on it (None if not possible)."""
+    if not points.has_budget:
+        return None
+    budgets = points.budget_keys()
+    top = budgets.max()
+    train, test = np.flatnonzero(budgets < top), np.flatnonzero(budgets == top)
+    if len(np.unique(budgets)) < 2 or len(train) < (5 if chinchilla else 6):
+        return None
+    fit = fit_law(points.subset(train), restarts=restarts, seed=seed, chinchilla=chinchilla,
+                  progress=progress)
+    held = points.subset(test)
+    err = held.L - fit.predict(held)
+    return {"budget": float(top), "n_train": int(len(train)), "n_test": int(len(test)),
+            "phi": None if chinchilla else fit.phi, "mean": float(err.mean()),
+            "max_abs": float(np.abs(err).max()), "rmse": float(np.sqrt(np.mean(err ** 2)))}
+
+
+def bootstrap_cells(points):
+    """Index arrays of the resampling units: (budget, r) cells, or single runs with no budget."""
+    if not points.has_budget:
+        return [np.array([i]) for i in range(len(points))], "runs"
+    keys = list(zip(points.budget_keys(), points.r))
+    cells = {}
+    for i, key in enumerate(keys):
+        cells.setdefault(key, []).append(i)
+    return [np.array(v) for v in cells.values()], "(budget, r) cells"
+
+
+def bootstrap_phi(points, full_fit, resamples=200, starts=32, seed=0, show_progress=True):
+    """phi refitted on resampled cells; returns the 2.5/97.5 percentiles and the samples.
+
+    Each refit starts from the full-data optimum plus `starts` random starts: the full-data
+    optimum is almost always in the right basin, the random starts guard against it not being.
+    """
+    cells, _ = bootstrap_cells(points)
+    rng = np.random.default_rng(seed + 1)
+    progress = Progress("bootstrap", resamples, show_progress)
+    phis = []
+    for k in range(resamples):
+        pick = rng.integers(len(cells), size=len(cells))
+        sample = points.subset(np.concatenate([cells[i] for i in pick]))
+        if len(sample) < 6 or not phi_identifiable(sample):
+            continue
+        fit = fit_law(sample, restarts=starts, seed=seed + 1000 + k, extra_starts=[full_fit.params])
+        phis.append(fit.phi)
+        progress.update(k + 1)
+    if len(phis) < 2:
+        return None, np.array(phis)
+    return tuple(float(q) for q in np.percentile(phis, [2.5, 97.5])), np.array(phis)
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture: params and FLOPs per token as exact polynomials in d_model
+
+@dataclass
+class Architecture:
+    key: tuple  # values of ARCH_KEYS present in the runs
+    r: float
+    n_once: np.ndarray  # quadratic coefficients in d_model, highest power first (np.polyval)
+    n_rec: np.ndarray
+    flops: np.ndarray
+    widths: list
+    exact: bool
+    note: str
+
+    def counts(self, d):
+        return np.polyval(self.n_once, d), np.polyval(self.n_rec, d), np.polyval(self.flops, d)
+
+    @property
+    def group(self):  # the --by value, if any
+        return ", ".join(self.key[len(ARCH_KEYS):])
+
+    @property
+    def label(self):
+        named = [f"{k}={v}" for k, v in zip(ARCH_KEYS, self.key) if v is not None]
+        return ", ".join(named + [f"group={g}" for g in self.key[len(ARCH_KEYS):]])
+
+
+def architecture_key(meta, by=None):
+    return tuple(meta.get(k) for k in ARCH_KEYS) + ((str(meta.get(by)),) if by else ())
+
+
+def fit_polynomials(d_model, columns):
+    """Quadratic in d per column. Exact if the fit reproduces every integer count to < 0.5."""
+    widths = sorted(set(d_model))
+    coeffs = [np.polyfit(d_model, y, 2) for y in columns]
+    worst = max(float(np.max(np.abs(np.polyval(c, d_model) - y))) for c, y in zip(coeffs, columns))
+    if len(widths) < 3:
+        return None, False, f"only {len(widths)} width(s); need 3 to recover a quadratic"
+    if len(widths) == 3:
+        return coeffs, True, "3 widths: quadratic determined but not verified (need 4)"
+    if worst > 0.5:
+        return coeffs, False, f"NOT exact: counts miss a quadratic in d_model by up to {worst:.3g}"
+    return coeffs, True, f"exact quadratic in d_model (verified on {len(widths)} widths)"
+
+
+def recover_architectures(points, by=None):
+    """One Architecture per group of runs that share ARCH_KEYS (and the --by key) and report
+    d_model, counts and FLOPs."""
+    groups = {}
+    for i, meta in enumerate(points.meta):
+        if all(meta.get(k) is not None for k in ("d_model", "flops_per_token")):
+            groups.setdefault(architecture_key(meta, by), []).append(i)
+    archs, notes = [], []
+    for key, idx in groups.items():
+        d = np.array([float(points.meta[i]["d_model"]) for i in idx])
+        columns = [points.n_once[idx], points.n_rec[idx],
+                   np.array([float(points.meta[i]["flops_per_token"]) for i in idx])]
+        coeffs, exact, note = fit_polynomials(d, columns)
+        arch = Architecture(key, float(points.r[idx[0]]), *(coeffs or [None] * 3),
+                            sorted(set(d.tolist())), exact, note)
+        if coeffs is None:
+            notes.append(f"[{arch.label}] {note}")
+        else:
+            archs.append(arch)
+    if not groups:
+        notes.append("no run reports d_model and flops_per_token (CSV input?): compute-optimal "
+                     "widths and equivalences need run JSONs")
+    return sorted(archs, key=lambda a: (a.r, a.label)), notes
+
+
+def compute_optimal(fit, arch, budget):
+    """argmin over width d of L(N_eff(d), D = C / F(d)); d is continuous here."""
+    def loss_at(log_d):
+        n_once, n_rec, flops = arch.counts(math.exp(log_d))
+        if min(n_once + n_rec, flops) <= 0:
+            return math.inf
+        return float(fit.loss(n_once, n_rec, arch.r, budget / flops))
+
+    lo, hi = math.log(min(arch.widths) / 16), math.log(max(arch.widths) * 16)
+    grid = np.linspace(lo, hi, 400)
+    values = [loss_at(x) for x in grid]
+    k = int(np.argmin(values))
+    res = minimize_scalar(loss_at, bounds=(grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]),
+                          method="bounded", options={"xatol": 1e-8})
+    d = math.exp(res.x)
+    n_once, n_rec, flops = arch.counts(d)
+    return {"arch": arch.label, "r": arch.r, "group": arch.group, "budget": float(budget),
+            "d_model": d, "s": d / 64,
+            "N": float(n_once + n_rec),
+            "N_eff": float(n_once + n_rec if fit.chinchilla else n_once + arch.r ** fit.phi * n_rec),
+            "D": float(budget / flops), "L": float(res.fun), "flops_per_token": float(flops),
+            "at_edge": k in (0, len(grid) - 1)}
+
+
+def empirical_optima(points, by=None):
+    """Per (budget, r) cell (and --by group) with >= 3 widths: vertex of a parabola of L
+    against log N."""
+    if not points.has_budget:
+        return []
+    budgets, out = points.budget_keys(), []
+    groups = np.array([str(m.get(by)) if by else "" for m in points.meta])
+    for C in np.unique(budgets):
+        for r, g in sorted(set(zip(points.r, groups))):
+            idx = np.flatnonzero((budgets == C) & (points.r == r) & (groups == g))
+            if len(idx) < 3:
+                continue
+            x = np.log(points.n_once[idx] + points.n_rec[idx])
+            c2, c1, c0 = np.polyfit(x, points.L[idx], 2)
+            row = {"budget": float(C), "r": float(r), "n": int(len(idx))} | ({by: g} if by else {})
+            if c2 <= 0:
+                out.append(row | {"N": None, "D": None, "L": None, "note": "no minimum (concave)"})
+                continue
+            x_star = -c1 / (2 * c2)
+            slope, icpt = np.polyfit(x, np.log(points.D[idx]), 1)  # D(N) within the cell
+            inside = x.min() <= x_star <= x.max()
+            out.append(row | {"N": float(math.exp(x_star)), "D": float(math.exp(icpt + slope * x_star)),
+                              "L": float(c0 + c1 * x_star + c2 * x_star ** 2),
+                              "note": "" if inside else "outside the sampled widths"})
+    return out
+
+
+def equivalence(fit, arch, d, baseline=None):
+    """At width d: unique N, N_eff, FLOPs; with an r = 1 baseline, the non-looped models that
+    have the same N_eff (worth) and the same FLOPs per token (cost)."""
+    n_once, n_rec, flops = (float(v) for v in arch.counts(d))
+    row = {"arch": arch.label, "r": arch.r, "group": arch.group, "phi": fit.phi, "d_model": float(d),
+           "N": n_once + n_rec, "N_eff": n_once + arch.r ** fit.phi * n_rec, "flops_per_token": flops}
+    if baseline is not None:
+        def width_where(target, which):
+            f = lambda dd: float(sum(baseline.counts(dd)[:2]) if which == "N" else baseline.counts(dd)[2])
+            return minimize_scalar(lambda x: (math.log(f(math.exp(x))) - math.log(target)) ** 2,
+                                   bounds=(math.log(8.0), math.log(1e6)), method="bounded",
+                                   options={"xatol": 1e-10}).x
+        d_worth = math.exp(width_where(row["N_eff"], "N"))
+        d_cost = math.exp(width_where(flops, "F"))
+        row.update(worth_flops=float(baseline.counts(d_worth)[2]),
+                   cost_N=float(sum(baseline.counts(d_cost)[:2])))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons (--by KEY): phi per group, r = 1 runs shared
+
+def split_groups(points, key):
+    """{value: indices} for the looped runs of each value of `key`, each plus all r = 1 runs."""
+    base = np.flatnonzero(points.r == 1)
+    values = {}
+    for i in np.flatnonzero(points.r > 1):
+        values.setdefault(str(points.meta[i].get(key)), []).append(i)
+    if len(values) < 2:
+        raise InputError(f"--by {key}: the looped runs have {len(values)} value(s) of {key}; need 2")
+    return {v: np.concatenate([base, np.array(idx)]) for v, idx in sorted(values.items())}
+
+
+def compare_groups(points, key, restarts=500, resamples=200, starts=32, seed=0, reference=None,
+                   show_progress=True, extra_starts=()):
+    """phi per group and delta-phi against the reference group with a paired bootstrap CI:
+    one draw of (budget, r) cells is shared by all groups (each takes the cells it has)."""
+    groups = split_groups(points, key)
+    reference = reference if reference is not None else next(iter(groups))
+    if reference not in groups:
+        raise InputError(f"--by-ref {reference}: no such value of {key} ({', '.join(groups)})")
+    fits = {}
+    for value, idx in groups.items():
+        fits[value] = fit_law(points.subset(idx), restarts=restarts, seed=seed,
+                              extra_starts=extra_starts)
+    for value, idx in groups.items():  # cross-seed: each group's optimum is a good start for the others
+        others = [f.params for v, f in fits.items() if v != value]
+        cross = fit_law(points.subset(idx), restarts=0, extra_starts=others)
+        if cross.huber < fits[value].huber:
+            fits[value] = cross
+    cells, unit = bootstrap_cells(points)
+    rng = np.random.default_rng(seed + 2)
+    samples = {v: [] for v in groups}
+    progress = Progress(f"paired bootstrap over {key}", resamples, show_progress)
+    members = {v: set(idx.tolist()) for v, idx in groups.items()}
+    for k in range(resamples):
+        pick = np.concatenate([cells[i] for i in rng.integers(len(cells), size=len(cells))])
+        phis = {}
+        for v in groups:
+            idx = [i for i in pick if i in members[v]]
+            sample = points.subset(idx)
+            if len(sample) < 6 or not phi_identifiable(sample):
+                break
+            phis[v] = fit_law(sample, restarts=starts, seed=seed + 5000 + k,
+                              extra_starts=[fits[v].params]).phi
+        else:
+            for v in groups:
+                samples[v].append(phis[v])
+        progress.update(k + 1)
+    out = {"key": key, "reference": reference, "groups": {}, "deltas": {}, "fits": fits}
+    for v, fit in fits.items():
+        s = np.array(samples[v])
+        fit.phi_ci = tuple(np.percentile(s, [2.5, 97.5]).tolist()) if len(s) > 1 else None
+        out["groups"][v] = fit.as_dict()
+    for v in groups:
+        if v == reference:
+            continue
+        diff = np.array(samples[v]) - np.array(samples[reference])
+        ci = np.percentile(diff, [2.5, 97.5]).tolist() if len(diff) > 1 else None
+        out["deltas"][v] = {"delta_phi": fits[v].phi - fits[reference].phi, "ci": ci,
+                            "resamples": int(len(diff))}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+def fmt(x, spec=".4g"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table(header, rows):
+    cols = [header] + [[fmt(v) if not isinstance(v, str) else v for v in row] for row in rows]
+    widths = [max(len(str(row[j])) for row in cols) for j in range(len(header))]
+    lines = ["  ".join(str(v).rjust(w) for v, w in zip(row, widths)) for row in cols]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def fit_row(name, fit):
+    return [name, fit.n, fit.E, fit.A, fit.alpha, fit.B, fit.beta,
+            "-" if fit.chinchilla else fmt(fit.phi), fmt(fit.r2, ".5f"), fmt(fit.huber, ".4e")]
+
+
+FIT_HEADER = ["fit", "n", "E", "A", "alpha", "B", "beta", "phi", "R2", "huber"]
+
+
+def with_group(r, group):
+    return f"{r:g}" + (f" ({group})" if group else "")
+
+
+def print_report(res):
+    out = print
+    by = res["comparison"]["key"] if res["comparison"] else None
+    out(f"{res['n_points']} runs, r in {{{', '.join(fmt(r, 'g') for r in res['r_values'])}}}"
+        + (f", {res['n_budgets']} budgets" if res["n_budgets"] else ", no budget field"))
+    if res["note"]:
+        out(res["note"])
+    out("\n== Fits  L = E + A*(N_once + r^phi*N_rec)^-alpha + B*D^-beta ==")
+    rows = [fit_row(name, fit) for name, fit in res["fits"]]
+    out(table(FIT_HEADER, rows))
+    joint = res["joint"]
+    if joint.phi_ci:
+        out(f"\nphi = {joint.phi:.3f}, 95% bootstrap CI [{joint.phi_ci[0]:.3f}, {joint.phi_ci[1]:.3f}]"
+            f" ({res['bootstrap']['resamples']} resamples of {res['bootstrap']['unit']})")
+    out("\n== Residuals of the joint fit per r (observed - fitted, nats) ==")
+    out(table(["r", "n", "mean", "max|.|", "RMSE"],
+              [[t["r"], t["n"], fmt(t["mean"], "+.4f"), fmt(t["max_abs"], ".4f"), fmt(t["rmse"], ".4f")]
+               for t in res["residuals"]]))
+    h = res["held_out"]
+    if h:
+        out(f"\nHeld out: refit without budget {h['budget']:.3g} ({h['n_train']} runs)"
+            + (f", phi = {h['phi']:.3f}" if h["phi"] is not None else "")
+            + f"; on its {h['n_test']} runs: mean error {h['mean']:+.4f}, max |error| "
+            f"{h['max_abs']:.4f}, RMSE {h['rmse']:.4f} nats")
+    if res["architectures"] or res["arch_notes"]:
+        out("\n== Architectures recovered from the runs (params, FLOPs/token vs d_model) ==")
+        for a in res["architectures"]:
+            out(f"  [{a.label}] {a.note}")
+        for note in res["arch_notes"]:
+            out(f"  {note}")
+    if res["optima"]:
+        out("\n== Compute-optimal allocation under the fitted law"
+            + (f" of each {by} group ==" if by else " ==") )
+        out(table(["budget", "r", "d_model", "s", "N", "N_eff", "D", "D/N", "L"],
+                  [[o["budget"], with_group(o["r"], o["group"]), fmt(o["d_model"], ".0f") + ("*" if o["at_edge"] else ""),
+                    fmt(o["s"], ".1f"), o["N"], o["N_eff"], o["D"], fmt(o["D"] / o["N"], ".1f"),
+                    fmt(o["L"], ".4f")] for o in res["optima"]]))
+        if any(o["at_edge"] for o in res["optima"]):
+            out("  * optimum at the edge of the search range: the law has no interior minimum")
+    if res["empirical"]:
+        out("\n== Empirical optima (parabola of L vs log N per (budget, r) cell) ==")
+        out(table(["budget", "r", "runs", "N*", "D*", "L*", "note"],
+                  [[e["budget"], with_group(e["r"], e.get(by, "")), e["n"], e.get("N"), e.get("D"), fmt(e.get("L"), ".4f"),
+                    e["note"]] for e in res["empirical"]]))
+    if res["equivalence"]:
+        out("\n== Equivalence: what N unique params at r are worth ==")
+        out(table(["r", "phi", "d_model", "N unique", "N_eff", "FLOPs/token", "r=1 model of same FLOPs",
+                   "FLOPs of r=1 model worth N_eff"],
+                  [[with_group(q["r"], q["group"]), fmt(q["phi"], ".3f"), fmt(q["d_model"], ".0f"), q["N"], q["N_eff"], q["flops_per_token"],
+                    q.get("cost_N"), q.get("worth_flops")] for q in res["equivalence"]]))
+        for q in res["equivalence"]:
+            line = (f"  at r={with_group(q['r'], q['group'])}, a model with N = {q['N']:.3g} unique params is worth "
+                    f"N_eff = {q['N_eff']:.3g} non-looped params")
+            if "cost_N" in q:
+                line += (f" and costs like a non-looped model of {q['cost_N']:.3g} params "
+                         f"(F = {q['flops_per_token']:.3g} FLOPs/token)")
+            out(line)
+    if res["comparison"]:
+        c = res["comparison"]
+        out(f"\n== phi by {c['key']} (r = 1 runs shared; paired bootstrap) ==")
+        out(table(["group", "n", "phi", "CI lo", "CI hi", "R2"],
+                  [[v, g["n"], fmt(g["phi"], ".3f"), fmt((g.get("phi_ci") or [None])[0], ".3f"),
+                    fmt((g.get("phi_ci") or [None, None])[1], ".3f"), fmt(g["r2"], ".5f")]
+                   for v, g in c["groups"].items()]))
+        for v, dl in c["deltas"].items():
+            ci = dl["ci"]
+            out(f"  delta phi ({v} - {c['reference']}) = {dl['delta_phi']:+.3f}"
+                + (f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
+    if res["warnings"]:
+        out("\n== Warnings ==")
+        for w in res["warnings"]:
+            out(f"  {w}")
+
+
+def write_json(res, path):
+    doc = {name: fit.as_dict() for name, fit in res["fits"] if name in ("joint", "phi_fixed_0",
+                                                                          "phi_fixed_1")}
+    doc["per_r"] = {fmt(r, "g"): fit.as_dict() for r, fit in res["per_r"].items()}
+    doc.update(residuals=res["residuals"], held_out=res["held_out"], bootstrap=res["bootstrap"],
+               optima=res["optima"], empirical_optima=res["empirical"],
+               equivalence=res["equivalence"], architectures=[
+                   {"arch": a.label, "r": a.r, "exact": a.exact, "note": a.note,
+                    "n_once": a.n_once.tolist(), "n_rec": a.n_rec.tolist(),
+                    "flops_per_token": a.flops.tolist()} for a in res["architectures"]],
+               warnings=res["warnings"], note=res["note"])
+    if res["comparison"]:
+        doc["groups"] = res["comparison"]["groups"]  # ("fits" holds the Fit objects themselves)
+        doc["deltas"] = res["comparison"]["deltas"]
+        doc["by"] = res["comparison"]["key"]
+    try:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+    except OSError as err:
+        raise InputError(f"--json {path}: {err.strerror}")
+
+
+def plot(res, points, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warn("--plot needs matplotlib (pip install matplotlib); skipping the plot")
+        return
+    fit = res["joint"]
+    fig, (ax, ax_res) = plt.subplots(1, 2, figsize=(13, 5))
+    colours = dict(zip(np.unique(points.r), plt.cm.viridis(np.linspace(0, 0.85, len(np.unique(points.r))))))
+    N = points.n_once + points.n_rec
+    budgets = points.budget_keys() if points.has_budget else np.zeros(len(points))
+    for C in np.unique(budgets):
+        for r in np.unique(points.r):
+            idx = np.flatnonzero((budgets == C) & (points.r == r))
+            if not len(idx):
+                continue
+            ax.scatter(N[idx], points.L[idx], color=colours[r], s=14)
+            if len(idx) >= 2:  # draw the law along the cell: N_once/N_rec and D interpolated in log N
+                x = np.log(N[idx])
+                grid = np.linspace(x.min() - 0.15, x.max() + 0.15, 60)
+                interp = lambda y: np.exp(np.polyval(np.polyfit(x, np.log(y), 1), grid))
+                ax.plot(np.exp(grid), fit.loss(interp(points.n_once[idx]), interp(points.n_rec[idx]),
+                                               r, interp(points.D[idx])), color=colours[r], lw=1)
+        if points.has_budget:  # label each iso-FLOP family at its widest run
+            i = np.flatnonzero(budgets == C)[np.argmax(N[budgets == C])]
+            ax.annotate(f"{C:.3g}", (N[i], points.L[i]), xytext=(6, 0), textcoords="offset points",
+                        fontsize=7, va="center")
+    for r, c in colours.items():
+        ax.plot([], [], color=c, label=f"r = {r:g}")
+    ax.set(xscale="log", xlabel="unique non-embedding params N", ylabel="validation loss (nats)",
+           title="iso-FLOP curves and the joint fit" + ("" if fit.chinchilla else f" (phi = {fit.phi:.3f})"))
+    ax.legend()
+    resid = points.L - fit.predict(points)
+    ax_res.scatter(N, resid, c=[colours[r] for r in points.r], s=14)
+    ax_res.axhline(0, color="k", lw=0.8)
+    ax_res.set(xscale="log", xlabel="N", ylabel="observed - fitted (nats)", title="residuals")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise InputError(f"--plot {path}: {err.strerror}")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole analysis
+
+def analyse(points, args):
+    quiet = args.quiet
+    identifiable = phi_identifiable(points)
+    chin = not identifiable
+    note = "" if identifiable else ("phi is not identifiable (all runs r = 1 or N_rec = 0): "
+                                    "fitting the Chinchilla form L = E + A N^-alpha + B D^-beta")
+    res = {"n_points": len(points), "r_values": np.unique(points.r).tolist(), "note": note,
+           "n_budgets": len(np.unique(points.budget_keys())) if points.has_budget else 0,
+           "warnings": [], "fits": [], "per_r": {}, "comparison": None, "bootstrap": None}
+    n_fits = (1 if chin else 3) + (len(res["r_values"]) if len(res["r_values"]) > 1 else 0) + 1
+    progress = Progress("fits", n_fits * args.restarts, not quiet)
+    done = [0]
+
+    def step(i, total):
+        progress.update(done[0] + i)
+        if i == total:
+            done[0] += total
+
+    def record(name, fit, pts):
+        res["fits"].append((name, fit))
+        res["warnings"].extend(fit_warnings(fit, pts, name))
+        return fit
+
+    joint = record("joint", fit_law(points, restarts=args.restarts, seed=args.seed,
+                                    chinchilla=chin, progress=step), points)
+    if not chin:
+        for phi in (0, 1):
+            record(f"phi_fixed_{phi}", fit_law(points, fix_phi=float(phi), restarts=args.restarts,
+                                               seed=args.seed, progress=step), points)
+    if len(res["r_values"]) > 1:
+        for r in res["r_values"]:
+            sub = points.subset(np.flatnonzero(points.r == r))
+            if len(sub) < 5:
+                res["warnings"].append(f"per-r fit r={r:g}: only {len(sub)} runs, skipped")
+                done[0] += args.restarts
+                continue
+            res["per_r"][r] = record(f"per_r r={r:g}", fit_chinchilla(
+                sub, restarts=args.restarts, seed=args.seed, progress=step), sub)
+    res["held_out"] = held_out_largest_budget(points, args.restarts, args.seed, chin, step)
+    progress.update(progress.total)
+
+    if not chin and args.bootstrap > 0:
+        ci, samples = bootstrap_phi(points, joint, args.bootstrap, args.boot_starts, args.seed,
+                                    not quiet)
+        joint.phi_ci = ci
+        res["bootstrap"] = {"resamples": int(len(samples)), "unit": bootstrap_cells(points)[1],
+                            "starts_per_refit": args.boot_starts + 1,
+                            "phi_samples": samples.tolist()}
+        if ci is None:
+            res["warnings"].append("bootstrap: too few valid resamples for a CI of phi")
+    res["joint"] = joint
+    res["residuals"] = residuals_by_r(joint, points)
+
+    archs, res["arch_notes"] = recover_architectures(points, args.by)
+    res["architectures"] = archs
+    budgets = sorted(set(np.unique(points.budget_keys()).tolist() if points.has_budget else [])
+                     | set(args.budget))
+    law_for = lambda arch: joint  # noqa: E731
+    if args.by:
+        if chin:
+            raise InputError("--by needs looped runs: phi is not identifiable here")
+        res["comparison"] = c = compare_groups(points, args.by, args.restarts, args.bootstrap,
+                                               args.boot_starts, args.seed, args.by_ref, not quiet,
+                                               extra_starts=[joint.params])
+        # each group's allocations use its own law; the shared r = 1 runs use the reference's
+        law_for = lambda arch: c["fits"].get(arch.group, c["fits"][c["reference"]])  # noqa: E731
+    res["optima"] = [compute_optimal(law_for(a), a, C) for C in budgets for a in archs]
+    res["empirical"] = empirical_optima(points, args.by)
+    res["equivalence"] = equivalences(law_for, archs, args.equiv) if not chin else []
+    return res
+
+
+def equivalences(law_for, archs, requests):
+    """Rows for --equiv R:D (or, by default, every looped architecture at its largest width)."""
+    baseline = next((a for a in archs if a.r == 1), None)
+    if not requests:
+        return [equivalence(law_for(a), a, max(a.widths), baseline) for a in archs if a.r > 1]
+    rows = []
+    for r, d in requests:
+        matching = [a for a in archs if a.r == r]
+        if not matching:
+            raise InputError(f"--equiv {r:g}:{d:g}: no runs with r = {r:g} and d_model/FLOPs "
+                             f"to recover its architecture from")
+        rows += [equivalence(law_for(a), a, d, baseline) for a in matching]
+    return rows
+
+
+def parse_equiv(text):
+    try:
+        r, d = text.split(":")
+        r, d = float(r), float(d)
+        assert r >= 1 and d > 0
+        return r, d
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected R:D_MODEL such as 4:2048, got {text!r}")
+
+
+def parse_budget(text):
+    try:
+        c = float(text)
+        assert c > 0 and math.isfinite(c)
+        return c
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected a positive number of FLOPs such as 1e20, got {text!r}")
+
+
+def positive_int(text, minimum=0):
+    try:
+        n = int(text)
+        assert n >= minimum
+        return n
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser():
+    p = OneLineParser(
+        prog="fit_law.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fit L = E + A*(N_once + r^phi*N_rec)^-alpha + B*D^-beta to finished runs and "
+                    "report phi, its bootstrap CI, restricted and per-r fits, residuals, a "
+                    "held-out check and compute-optimal allocations.",
+        epilog="""inputs:
+  run JSONs written by train.py, directories searched recursively for *.json and *.csv,
+  or CSV files with columns N_once,N_rec,r,D,L (optional C = budget, and any group columns).
+  Runs whose status is not "ok" are skipped with a warning; JSONs without "status" are ignored.
+
+fitting:
+  Huber (delta=1e-3) on log loss, summed over runs; L-BFGS-B (analytic gradient) from
+  --restarts uniform random starts in a,b in [-5,35], alpha,beta in [0,2.5], e in [-3,2],
+  phi in [-3,3]; the best objective wins. Also: phi fixed at 0 and 1, a Chinchilla fit per r,
+  and a refit without the largest budget, scored on that budget.
+
+bootstrap:
+  --bootstrap resamples (budget, r) cells with replacement (all widths of a cell move
+  together; without a budget field, single runs), refits each resample from the full-data
+  optimum plus --boot-starts random starts, and reports the 2.5/97.5 percentiles of phi.
+
+decisions:
+  Params and FLOPs/token are recovered per architecture as quadratics in d_model from the
+  runs' JSON fields (checked to be exact), then the law is minimised over width at each
+  budget. --equiv R:D reports what a width-D model at r is worth in non-looped params.
+
+example:
+  python fit_law.py runs/ --json fit.json --plot fit.png --budget 1e20 --equiv 4:2048""")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run JSON, directory or CSV")
+    p.add_argument("--restarts", type=lambda s: positive_int(s, 1), default=500, metavar="N",
+                   help="random L-BFGS-B starts per fit (default 500)")
+    p.add_argument("--bootstrap", type=positive_int, default=200, metavar="N",
+                   help="bootstrap resamples for the CI of phi; 0 turns it off (default 200)")
+    p.add_argument("--boot-starts", type=positive_int, default=32, metavar="N",
+                   help="random starts per bootstrap refit, besides the full-data optimum (default 32)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for starts and resampling (default 0)")
+    p.add_argument("--by", metavar="KEY", help="fit phi per value of run field KEY (e.g. injection, "
+                   "bptt_k) with the r=1 runs shared, and report delta phi with a paired bootstrap CI")
+    p.add_argument("--by-ref", metavar="VALUE", help="reference group for delta phi (default: first)")
+    p.add_argument("--budget", type=parse_budget, action="append", default=[], metavar="C",
+                   help="also report the compute-optimal allocation at C FLOPs (repeatable)")
+    p.add_argument("--max-budget", type=parse_budget, metavar="C",
+                   help="use only runs with budget <= C (e.g. the case studies' four lower budgets)")
+    p.add_argument("--equiv", type=parse_equiv, action="append", default=[], metavar="R:D_MODEL",
+                   help="equivalence report for a model of width D_MODEL at r = R (repeatable)")
+    p.add_argument("--allow-mixed", action="store_true", help="fit runs even if they differ in data "
+                   "checksum, tokenizer, sequence length or batch")
+    p.add_argument("--json", metavar="OUT", help="write the fits to OUT as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="iso-FLOP curves with the law, and residuals")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        points = load_points(args.paths, args.allow_mixed)
+        if args.max_budget is not None:
+            if not points.has_budget:
+                raise InputError("--max-budget needs a budget for every run (target_flops or C)")
+            points = points.subset(np.flatnonzero(points.C <= args.max_budget * (1 + 1e-9)))
+        if len(points) < 5:
+            raise InputError(f"{len(points)} runs cannot determine the law's 5-6 parameters")
+        res = analyse(points, args)
+        print_report(res)
+        if args.json:
+            write_json(res, args.json)
+        if args.plot:
+            plot(res, points, args.plot)
+    except InputError as err:
+        print(f"fit_law.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fit_law.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
