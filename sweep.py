@@ -1,0 +1,869 @@
+"""
+Plan and run a grid of train.py runs over compute budgets, widths and recurrences, then fit the law.
+
+    python sweep.py                                  # = --preset demo: CPU grid + fit, < 10 min
+    python sweep.py --preset paper --dry-run         # list the 116 runs of the paper grid
+    python sweep.py --preset mini --gpus 1           # ~1 GPU-hour grid
+    python sweep.py --preset paper --gpus 8 -- --device-batch 16   # after --: flags for train.py
+    python sweep.py --preset paper --slurm           # a Slurm job array, one task per run
+
+How data flows (bash sweep.sh is the entry point a user reads; it calls this file):
+
+    preset table (PRESETS below) or --grid FILE
+      --expand-->  cells: budget C, width s, r, injection, bptt_k, seed (+ any train.py flag)
+      --plan (model.py in closed form: no tensors, 116 runs in well under a second)-->
+               runs: tag, N_once, N_rec, FLOPs/token, steps = round(C/(F*B)), tokens
+      --status of <out>/<tag>.json-->  pending runs ("ok" is skipped; "failed" and "preempted"
+               are rerun with --resume, which continues from their newest checkpoint)
+      --> one of: --dry-run listing | --slurm job array | the local runner (one subprocess per
+          run, packed onto GPU slots or CPU threads, log in <out>/logs/<tag>.log)
+      --> python fit_law.py <out>  ->  <out>/fit.txt (the report), fit.json, fit.png
+
+One failed run never stops the grid; rerunning the same command only does what is left.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_PY = os.path.join(HERE, "train.py")
+FIT_LAW_PY = os.path.join(HERE, "fit_law.py")
+PREPARE_DATA_PY = os.path.join(HERE, "prepare_data.py")
+
+H100_PEAK = 989e12          # dense bf16 FLOP/s, the MFU denominator of SPEC.md section 7
+ASSUMED_MFU = 0.40
+# Achieved training FLOP/s of one demo-sized run on one CPU thread (incl. startup and eval): 1.2e10
+# (s=1) to 2.7e10 (s=3) measured on the 2-core dev box, two runs at once, with other load; used
+# only for estimates until runs in --out have finished (then their measured median is used).
+ASSUMED_CPU_FLOPS_PER_THREAD = 1.5e10
+
+
+class SweepError(Exception):
+    """Bad input or a missing prerequisite: reported in one line, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Presets: edit these tables. budgets maps a compute budget C (FLOPs) to the widths s trained
+# at it; every (C, s) cell is trained at every r. `settings` are train.py flags shared by all
+# runs of the preset (names as in train.py, with underscores).
+
+PAPER_BUDGETS = {
+    4.64e17: [6, 8, 10, 12],
+    1e18:    [6, 8, 10, 12, 14],
+    2.15e18: [8, 10, 12, 14, 16],
+    4.64e18: [10, 12, 14, 16, 18, 20],
+    1e19:    [12, 16, 18, 20, 24],
+    2.15e19: [18, 24, 28, 34],
+}
+PAPER_LOWER = {c: w for c, w in PAPER_BUDGETS.items() if c <= 4.64e18}   # the case studies' budgets
+PAPER_SETTINGS = dict(depth=20, n_prelude=2, n_coda=2, injection="linear", head_dim=128,
+                      seq_len=2048, batch_tokens=2 ** 18)
+
+# mini: the paper's design scaled to ~1 GPU-hour on one H100 (tune after measuring). Depth 12 =
+# 2 + 8 + 2, so r = 1, 2, 4, 8 all divide the 8 recurrent layer applications. Widths bracket the
+# Chinchilla-like optimum D ~ 20 N_eff of each budget (s=4,5,6,8 at the four budgets, vocab 32768).
+MINI_BUDGETS = {
+    4.64e15: [2, 3, 4, 5],
+    1e16:    [3, 4, 5, 6],
+    2.15e16: [3, 4, 6, 8],
+    4.64e16: [4, 6, 8, 10],
+}
+MINI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_dim=64,
+                     seq_len=1024, batch_tokens=65536)
+
+# demo: a CPU grid on the embedded stdlib corpus (vocab 8192), < 10 min on 2 cores incl. the fit.
+# Depth 6 = 1 + 4 + 1: r = 1, 2, 4. Widths s -> d_model = 64 s (head_dim 32).
+DEMO_BUDGETS = {
+    3e11:   [1, 2, 3],
+    6e11:   [1, 2, 3],
+    1.2e12: [1, 2, 3],
+}
+DEMO_SETTINGS = dict(depth=6, n_prelude=1, n_coda=1, injection="linear", head_dim=32,
+                     seq_len=128, batch_tokens=2048, eval_tokens=32768, samples=0, device="cpu")
+
+# tiny: six runs of a few steps (fit_law.py needs >= 6 runs for a fit), for the tests.
+TINY_BUDGETS = {2e9: [1], 4e9: [1], 8e9: [1]}
+TINY_SETTINGS = dict(depth=4, n_prelude=1, n_coda=1, injection="linear", head_dim=32,
+                     seq_len=32, batch_tokens=512, eval_tokens=2048, samples=0, device="cpu",
+                     log_every=1)
+
+
+@dataclass
+class Preset:
+    about: str
+    budgets: dict                         # C -> widths s
+    r: tuple                              # recurrences trained at every (C, s)
+    settings: dict                        # train.py flags shared by every run
+    data: str = "data/local"              # default --data
+    vocab_size: int = 32768               # for planning when the data dir has no meta.json yet
+    extra_widths: dict = field(default_factory=dict)   # C -> widths added for the looped runs only
+    bptt_k: object = None                 # None (full backprop) or a function r -> k
+    repeats: list = field(default_factory=list)        # (C, s, r) cells rerun with repeat_seeds
+    repeat_seeds: tuple = (1, 2)
+    checkpoints: int = 10                 # --save-every = steps // checkpoints (0: none)
+    cpu: bool = False                     # planned for CPU: estimates in CPU-minutes
+    jobs: int = 1                         # runs at once on CPU (threads are split between them)
+    fit_args: tuple = ()                  # extra fit_law.py flags
+    share_r1_from: str | None = None      # r=1 runs are not rerun: fit them from this preset's dir
+
+
+PRESETS = {
+    "paper": Preset(
+        "the paper's 116-run iso-depth grid: 6 budgets 4.64e17..2.15e19, r = 1, 2, 4, 8, "
+        "depth 20 (2-16/r-2), T 2048, batch 2^18",
+        PAPER_BUDGETS, (1, 2, 4, 8), PAPER_SETTINGS, data="data/fineweb-edu"),
+    "paper-trunc": Preset(
+        "truncated backprop case study: r = 2, 4, 8 with k = ceil(r/2), the four lower budgets, "
+        "one wider width per budget from 1e18 on (r=1 shared with paper)",
+        PAPER_LOWER, (2, 4, 8), PAPER_SETTINGS, data="data/fineweb-edu",
+        extra_widths={1e18: [16], 2.15e18: [18], 4.64e18: [22]},
+        bptt_k=lambda r: math.ceil(r / 2), share_r1_from="paper",
+        fit_args=("--by", "bptt_k", "--max-budget", "4.64e18")),
+    "paper-hc": Preset(
+        "hyperconnection case study: --injection hyperconnect --lanes 2, r = 2, 4, 8, the four "
+        "lower budgets, plus s=18 at 2.15e18 (r=1 shared with paper)",
+        PAPER_LOWER, (2, 4, 8), dict(PAPER_SETTINGS, injection="hyperconnect", lanes=2),
+        data="data/fineweb-edu", extra_widths={2.15e18: [18]}, share_r1_from="paper",
+        fit_args=("--by", "injection", "--max-budget", "4.64e18")),
+    "mini": Preset(
+        "a reduced grid of the same design for ~1 GPU-hour on one H100: 4 budgets "
+        "4.64e15..4.64e16, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 1024, batch 65536",
+        MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/fineweb-edu"),
+    "demo": Preset(
+        "CPU demo on the embedded stdlib corpus: 3 budgets 3e11..1.2e12, r = 1, 2, 4, widths "
+        "s = 1..3, depth 6 (1-4/r-1), T 128; < 10 min on 2 cores, phi with a wide CI",
+        DEMO_BUDGETS, (1, 2, 4), DEMO_SETTINGS, vocab_size=8192, checkpoints=2, cpu=True,
+        jobs=2, fit_args=("--restarts", "200", "--bootstrap", "100")),
+    "tiny": Preset(
+        "six runs of a few steps (3 budgets x r = 1, 2, s = 1) for the tests",
+        TINY_BUDGETS, (1, 2), TINY_SETTINGS, vocab_size=300, checkpoints=2, cpu=True, jobs=2,
+        fit_args=("--restarts", "20", "--bootstrap", "0")),
+}
+DEFAULT_PRESET = "demo"
+
+# Columns of a --grid file / fields of a cell that name the cell; other columns are train.py flags.
+CELL_KEYS = ("budget", "size", "r", "injection", "lanes", "bptt_k", "seed", "tag")
+MODEL_KEYS = ("depth", "n_prelude", "n_coda", "head_dim", "seq_len")
+
+
+# -----------------------------------------------------------------------------
+# Cells and runs
+
+@dataclass
+class Run:
+    budget: float
+    size: int
+    r: int
+    settings: dict                       # train.py flags (without the cell's own)
+    injection: str = "linear"
+    lanes: int = 2
+    bptt_k: int | None = None
+    seed: int = 0
+    tag: str = ""
+    # filled by plan():
+    d_model: int = 0
+    n_once: int = 0
+    n_rec: int = 0
+    flops_per_token: int = 0
+    steps: int = 0
+    tokens: int = 0
+    status: str = "pending"              # of its JSON: pending | ok | failed | preempted | running
+
+    @property
+    def train_flops(self):
+        return self.flops_per_token * self.tokens
+
+
+def format_budget(c):
+    return f"{c:.3g}".replace("+", "")
+
+
+def make_tag(budget, size, r, injection, lanes, bptt_k, seed):
+    """C4.64e17_s6_r4_linear_seed0; r=1 is plain (its injection is 'none' whatever was asked)."""
+    inj = "none" if r == 1 else injection + (f"K{lanes}" if injection == "hyperconnect" else "")
+    k = f"_k{bptt_k}" if r > 1 and bptt_k not in (None, r) else ""
+    return f"C{format_budget(budget)}_s{size}_r{r}_{inj}{k}_seed{seed}"
+
+
+def preset_cells(preset, seeds):
+    """The preset's table as a list of cell dicts (before planning)."""
+    cells = []
+    for budget, widths in preset.budgets.items():
+        for r in preset.r:
+            looped_extra = preset.extra_widths.get(budget, []) if r > 1 else []
+            for size in list(widths) + list(looped_extra):
+                for seed in seeds:
+                    cells.append(dict(budget=budget, size=size, r=r, seed=seed))
+    for budget, size, r in preset.repeats:
+        cells += [dict(budget=budget, size=size, r=r, seed=s) for s in preset.repeat_seeds]
+    for cell in cells:
+        if preset.bptt_k is not None and cell["r"] > 1:
+            cell["bptt_k"] = preset.bptt_k(cell["r"])
+    return cells
+
+
+def parse_value(text):
+    """'3' -> 3, '1e18' -> 1e18, 'linear' -> 'linear', '' -> None."""
+    text = text.strip()
+    if text == "" or text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_grid_file(path):
+    """A CSV (header row) or a JSON list of objects; columns budget (or C), size (or s), r, and
+    optionally injection, lanes, bptt_k, seed, tag and any train.py flag (e.g. muon_lr)."""
+    if not os.path.isfile(path):
+        raise SweepError(f"--grid {path}: no such file")
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                rows = json.load(f)
+            if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
+                raise SweepError(f"--grid {path}: expected a JSON list of objects")
+        else:
+            with open(path, newline="") as f:
+                rows = [{k.strip(): parse_value(v or "") for k, v in row.items() if k}
+                        for row in csv.DictReader(f)]
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as err:
+        raise SweepError(f"--grid {path}: cannot parse ({err})") from None
+    aliases = {"C": "budget", "target_flops": "budget", "s": "size"}
+    cells = []
+    for i, row in enumerate(rows, 1):
+        cell = {aliases.get(k, k).replace("-", "_"): v for k, v in row.items() if v is not None}
+        missing = [k for k in ("budget", "size", "r") if k not in cell]
+        if missing:
+            raise SweepError(f"--grid {path}: row {i} lacks {', '.join(missing)}")
+        cells.append(cell)
+    if not cells:
+        raise SweepError(f"--grid {path}: no rows")
+    return cells
+
+
+def cells_to_runs(cells, preset):
+    runs = []
+    for cell in cells:
+        settings = dict(preset.settings)
+        settings.update({k: v for k, v in cell.items() if k not in CELL_KEYS})
+        injection = settings.pop("injection", "linear")
+        lanes = settings.pop("lanes", 2)
+        try:
+            run = Run(budget=float(cell["budget"]), size=int(cell["size"]), r=int(cell["r"]),
+                      settings=settings, injection=cell.get("injection", injection),
+                      lanes=int(cell.get("lanes", lanes)), seed=int(cell.get("seed", 0)),
+                      bptt_k=None if cell.get("bptt_k") is None else int(cell["bptt_k"]))
+        except (TypeError, ValueError) as err:
+            raise SweepError(f"bad cell {cell}: {err}") from None
+        run.tag = str(cell.get("tag") or make_tag(run.budget, run.size, run.r, run.injection,
+                                                  run.lanes, run.bptt_k, run.seed))
+        runs.append(run)
+    seen = {}
+    for run in runs:
+        if run.tag in seen:
+            raise SweepError(f"two runs share the tag {run.tag}: give them different seeds or tags")
+        seen[run.tag] = run
+    return runs
+
+
+# -----------------------------------------------------------------------------
+# Planning (closed form, no tensors) and status
+
+def data_vocab_size(data_dir):
+    meta = os.path.join(data_dir, "meta.json")
+    try:
+        with open(meta) as f:
+            return int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def plan(runs, vocab_size):
+    """Fill in each run's parameter counts, FLOPs/token, steps and tokens, as train.py will."""
+    from model import GPTConfig, count_params, flops_per_token
+    for run in runs:
+        s = run.settings
+        model_args = {k: s[k] for k in MODEL_KEYS if k in s}
+        try:
+            cfg = GPTConfig(vocab_size=vocab_size, size=run.size, r=run.r, injection=run.injection,
+                            lanes=run.lanes, bptt_k=run.bptt_k, **model_args)
+        except (ValueError, TypeError) as err:
+            raise SweepError(f"run {run.tag}: {err}") from None
+        counts = count_params(cfg)
+        batch = int(s.get("batch_tokens", 2 ** 18))
+        run.d_model, run.n_once, run.n_rec = cfg.d_model, counts["n_once"], counts["n_rec"]
+        run.flops_per_token = flops_per_token(cfg)
+        run.steps = round(run.budget / (run.flops_per_token * batch))     # = train.plan_horizon
+        run.tokens = run.steps * batch
+        if run.steps < 1:
+            raise SweepError(f"run {run.tag}: the budget gives 0 steps of {batch} tokens; "
+                             f"raise the budget or shrink batch_tokens")
+    return runs
+
+
+def json_path(out, run):
+    return os.path.join(out, run.tag + ".json")
+
+
+def read_status(out, runs):
+    for run in runs:
+        try:
+            with open(json_path(out, run)) as f:
+                run.status = json.load(f).get("status", "pending")
+        except (OSError, ValueError, AttributeError):
+            run.status = "pending"
+    return runs
+
+
+def measured_flops_rate(out):
+    """Median achieved training FLOP/s per device over finished runs in out (None if none)."""
+    rates = []
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(out, name)) as f:
+                    rec = json.load(f)
+                if rec.get("status") == "ok" and rec.get("wall_seconds"):
+                    rates.append(rec["train_flops"] / rec["wall_seconds"] / rec.get("world_size", 1))
+            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError):
+                continue
+    return sorted(rates)[len(rates) // 2] if rates else None
+
+
+def throughput(preset, out, threads_per_job):
+    """-> (FLOP/s per run slot device, description)."""
+    measured = measured_flops_rate(out)
+    if measured:
+        return measured, f"measured: median of the finished runs in {out}"
+    if preset.cpu:
+        rate = ASSUMED_CPU_FLOPS_PER_THREAD * threads_per_job ** 0.7
+        return rate, f"estimated {rate / 1e9:.0f} GFLOP/s per run on {threads_per_job} CPU thread(s)"
+    return ASSUMED_MFU * H100_PEAK, f"estimated at {ASSUMED_MFU:.0%} MFU of {H100_PEAK / 1e12:.0f} TFLOP/s (H100 bf16)"
+
+
+# -----------------------------------------------------------------------------
+# Commands
+
+def train_prefix(gpus_per_run):
+    """How train.py is started; SWEEP_TRAIN_CMD replaces `python train.py` (the tests use it)."""
+    override = os.environ.get("SWEEP_TRAIN_CMD")
+    script = shlex.split(override) if override else [sys.executable, short_path(TRAIN_PY)]
+    if gpus_per_run > 1:
+        launcher = ["torchrun"] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+        return launcher + ["--standalone", f"--nproc_per_node={gpus_per_run}"] + script[1:]
+    return script
+
+
+def short_path(path):
+    """Relative to the working directory when inside it (readable logs), else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def train_command(run, opts):
+    """The exact train.py command line of one run (the same locally and in a Slurm task)."""
+    cmd = train_prefix(opts.gpus_per_run)
+    cmd += ["--size", str(run.size), "--r", str(run.r), "--injection", run.injection,
+            "--target-flops", format_budget(run.budget), "--seed", str(run.seed)]
+    if run.injection == "hyperconnect":
+        cmd += ["--lanes", str(run.lanes)]
+    if run.bptt_k is not None and run.r > 1:
+        cmd += ["--bptt-k", str(run.bptt_k)]
+    for key, value in run.settings.items():
+        if isinstance(value, bool):
+            cmd += [flag(key)] if value else []
+        elif value is not None:
+            cmd += [flag(key), str(value)]
+    save_every = run.steps // opts.preset.checkpoints if opts.preset.checkpoints else 0
+    cmd += ["--data", opts.data, "--out", opts.out, "--tag", run.tag,
+            "--save-every", str(max(save_every, 1) if opts.preset.checkpoints else 0), "--resume"]
+    return cmd + opts.train_args
+
+
+# -----------------------------------------------------------------------------
+# The local runner: a queue of runs, a pool of slots (GPUs or CPU threads), one subprocess each
+
+@dataclass
+class Slot:
+    name: str
+    env: dict
+
+
+def make_slots(opts):
+    if opts.gpus > 0:
+        n = opts.gpus // opts.gpus_per_run
+        return [Slot(f"GPU {','.join(map(str, ids))}", {"CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))})
+                for ids in (range(i * opts.gpus_per_run, (i + 1) * opts.gpus_per_run) for i in range(n))]
+    threads = str(opts.threads)
+    return [Slot(f"CPU slot {i}", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+            for i in range(opts.jobs)]
+
+
+def fmt_time(seconds):
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """done / failed / running / waiting and an ETA weighted by each run's training FLOPs."""
+
+    def __init__(self, runs, rate_guess, n_slots):
+        self.total_flops = sum(r.train_flops for r in runs) or 1
+        self.n_runs, self.done_flops, self.done = len(runs), 0, 0
+        self.failed = self.preempted = 0
+        self.guess = self.total_flops / (rate_guess * n_slots)
+        self.start = self.last_print = time.time()
+
+    def finished(self, run, status):
+        self.done_flops += run.train_flops
+        self.done += 1
+        self.failed += status == "failed"
+        self.preempted += status == "preempted"
+
+    def line(self, running, waiting):
+        elapsed = time.time() - self.start
+        if self.done_flops:
+            eta = elapsed * (self.total_flops - self.done_flops) / self.done_flops
+            how = ""
+        else:
+            eta, how = self.guess - elapsed, " (estimate)"
+        stopped = f", {self.preempted} preempted" if self.preempted else ""
+        return (f"[sweep] {self.done}/{self.n_runs} done, {self.failed} failed{stopped}, {running} running, "
+                f"{waiting} waiting | elapsed {fmt_time(elapsed)}, ETA {fmt_time(max(eta, 0))}{how}")
+
+
+def run_status_after(out, run, returncode):
+    read_status(out, [run])
+    if run.status in ("ok", "preempted"):
+        return run.status
+    return "failed" if run.status in ("failed", "pending", "running") or returncode else run.status
+
+
+def last_line(path):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l.strip() for l in f.readlines()[-20:] if l.strip()]
+        errors = [l for l in lines if "error" in l.lower() or "failed" in l.lower()]
+        return (errors or lines or ["(empty log)"])[-1][:200]
+    except OSError:
+        return "(no log)"
+
+
+def remove_checkpoints(out, tag):
+    """After an ok run its resume checkpoints are dead weight (GBs at paper scale)."""
+    folder = os.path.join(out, tag)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith("ckpt_") and name.endswith(".pt"):
+            os.remove(os.path.join(folder, name))
+    if not os.listdir(folder):
+        os.rmdir(folder)
+
+
+def run_locally(runs, opts, rate_guess):
+    """Runs every pending run, at most one per slot at a time; returns {tag: final status}."""
+    slots = make_slots(opts)
+    if not slots:
+        raise SweepError(f"--gpus {opts.gpus} gives no slot of --gpus-per-run {opts.gpus_per_run}")
+    log_dir = os.path.join(opts.out, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    queue = sorted(runs, key=lambda r: -r.train_flops)     # largest first: the tail packs better
+    free, running, results = list(slots), {}, {}
+    progress = Progress(runs, rate_guess, len(slots))
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    print(f"[sweep] {len(runs)} runs on {len(slots)} slot(s): {', '.join(s.name for s in slots)}"
+          + (f", {opts.threads} thread(s) each" if opts.gpus == 0 else ""), flush=True)
+    try:
+        while (queue and not stop["signal"]) or running:
+            while queue and free and not stop["signal"]:
+                run, slot = queue.pop(0), free.pop(0)
+                log_path = os.path.join(log_dir, run.tag + ".log")
+                cmd = train_command(run, opts)
+                with open(log_path, "a") as log:
+                    log.write(f"# {shlex.join(cmd)}\n# {slot.name}, started {time.strftime('%F %T')}\n")
+                    log.flush()
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env=dict(os.environ, **slot.env), start_new_session=True)
+                running[proc.pid] = (proc, run, slot, log_path, time.time())
+                print(f"[sweep] start {run.tag} on {slot.name} ({run.steps} steps) -> {log_path}", flush=True)
+            if stop["signal"] and running:
+                for proc, *_ in running.values():
+                    if proc.poll() is None and not getattr(proc, "told_to_stop", False):
+                        proc.send_signal(signal.SIGTERM)      # train.py checkpoints and says "preempted"
+                        proc.told_to_stop = True
+            time.sleep(0.2)
+            for pid, (proc, run, slot, log_path, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[pid]
+                free.append(slot)
+                status = run_status_after(opts.out, run, proc.returncode)
+                results[run.tag] = status
+                progress.finished(run, status)
+                took = fmt_time(time.time() - t0)
+                if status == "ok":
+                    if not opts.keep_checkpoints:
+                        remove_checkpoints(opts.out, run.tag)
+                    print(f"[sweep] ok     {run.tag} in {took}", flush=True)
+                else:
+                    print(f"[sweep] {status:<6} {run.tag} in {took} (exit {proc.returncode}): "
+                          f"{last_line(log_path)}  [log: {log_path}]", flush=True)
+                print(progress.line(len(running), len(queue)), flush=True)
+            if running and time.time() - progress.last_print > 60:
+                progress.last_print = time.time()
+                print(progress.line(len(running), len(queue)), flush=True)
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+    if stop["signal"]:
+        raise KeyboardInterrupt
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Slurm: one array task per pending run, running exactly the local command
+
+def write_slurm(runs, opts):
+    folder = os.path.join(opts.out, "slurm")
+    os.makedirs(os.path.join(opts.out, "logs"), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
+    commands = os.path.join(folder, "commands.txt")
+    tags = os.path.join(folder, "tags.txt")
+    with open(commands, "w") as f:
+        f.writelines(shlex.join(train_command(run, opts)) + "\n" for run in runs)
+    with open(tags, "w") as f:
+        f.writelines(run.tag + "\n" for run in runs)
+    cpus = max(1, 8 * opts.gpus_per_run) if not opts.preset.cpu else opts.threads
+    resources = [f"#SBATCH --gres=gpu:{opts.gpus_per_run}"] if not opts.preset.cpu else []
+    lines = [
+        "#!/bin/bash",
+        f"# Written by sweep.py: one array task per pending run of '{opts.preset_name}' ({len(runs)} runs).",
+        "# Task i runs line i+1 of commands.txt, the same train.py command sweep.py runs locally,",
+        "# with --resume: a requeued or resubmitted task continues from its newest checkpoint.",
+        f"#SBATCH --job-name=sweep-{opts.preset_name}",
+        f"#SBATCH --array=0-{len(runs) - 1}",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={cpus}",
+        *resources,
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:TERM@300",
+        f"#SBATCH --output={os.path.abspath(opts.out)}/logs/slurm-%A_%a.out",
+        *[f"#SBATCH {o}" for o in opts.slurm_opts],
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        f"line=$((SLURM_ARRAY_TASK_ID + 1))",
+        f"cmd=$(sed -n \"${{line}}p\" {shlex.quote(os.path.abspath(commands))})",
+        f"tag=$(sed -n \"${{line}}p\" {shlex.quote(os.path.abspath(tags))})",
+        f"echo \"# $cmd\" >> {shlex.quote(opts.out)}/logs/\"$tag\".log",
+        f"eval \"exec $cmd\" >> {shlex.quote(opts.out)}/logs/\"$tag\".log 2>&1",
+        "",
+    ]
+    script = os.path.join(folder, "sweep.sbatch")
+    with open(script, "w") as f:
+        f.write("\n".join(lines))
+    fit = os.path.join(folder, "fit.sbatch")
+    with open(fit, "w") as f:
+        f.write("\n".join([
+            "#!/bin/bash",
+            "# Written by sweep.py: fits the law once the array is done (submitted with afterany).",
+            f"#SBATCH --job-name=fit-{opts.preset_name}",
+            "#SBATCH --ntasks=1",
+            "#SBATCH --cpus-per-task=4",
+            f"#SBATCH --output={os.path.abspath(opts.out)}/fit.txt",
+            *[f"#SBATCH {o}" for o in opts.slurm_opts if not o.startswith(("--gres", "--gpus"))],
+            f"cd {shlex.quote(os.getcwd())}",
+            shlex.join(fit_command(opts)),
+            "",
+        ]))
+    return script, fit
+
+
+def submit_slurm(script, fit_script):
+    if not shutil.which("sbatch"):
+        print(f"[sweep] sbatch not found here: submit with  sbatch {script}  and, when it is done,"
+              f"  sbatch {fit_script}")
+        return 0
+    res = subprocess.run(["sbatch", "--parsable", script], capture_output=True, text=True)
+    if res.returncode:
+        raise SweepError(f"sbatch failed: {res.stderr.strip() or res.stdout.strip()}")
+    job = res.stdout.strip().split(";")[0]
+    print(f"[sweep] submitted job array {job} ({script})")
+    res = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job}", fit_script],
+                         capture_output=True, text=True)
+    print(f"[sweep] fit job {res.stdout.strip() or 'not submitted: ' + res.stderr.strip()} "
+          f"runs after it and writes fit.txt")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# Fit
+
+def fit_command(opts):
+    paths = [opts.out]
+    if opts.baseline and os.path.isdir(opts.baseline):
+        paths.append(opts.baseline)
+    cmd = [sys.executable, short_path(FIT_LAW_PY), *paths, "--json", os.path.join(opts.out, "fit.json"),
+           "--plot", os.path.join(opts.out, "fit.png"), *opts.preset.fit_args]
+    return cmd + (["-q"] if not sys.stderr.isatty() else [])
+
+
+def run_fit(opts):
+    if not os.path.exists(FIT_LAW_PY):
+        print("[sweep] fit_law.py is missing: no fit", flush=True)
+        return 1
+    cmd = fit_command(opts)
+    if opts.preset.share_r1_from and not (opts.baseline and os.path.isdir(opts.baseline)):
+        print(f"[sweep] note: the r=1 runs of this case study live in the '{opts.preset.share_r1_from}' "
+              f"sweep; pass --baseline DIR to fit them with these", flush=True)
+    print(f"[sweep] fitting: {shlex.join(cmd)}", flush=True)
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    report = os.path.join(opts.out, "fit.txt")
+    with open(report, "w") as f:
+        f.write(res.stdout)
+    print(res.stdout, end="", flush=True)
+    if res.returncode:
+        print(f"[sweep] fit_law.py exited {res.returncode}", flush=True)
+        return 1
+    print(f"[sweep] fit report {report}, {os.path.join(opts.out, 'fit.json')}, "
+          f"{os.path.join(opts.out, 'fit.png')}", flush=True)
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# Dry run listing
+
+def human(n):
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def print_plan(runs, rate, rate_how, opts):
+    print(f"{'budget':>8} {'s':>3} {'d':>5} {'r':>2} {'k':>2} {'inj':<13} {'seed':>4} {'N_once':>7} "
+          f"{'N_rec':>7} {'F/tok':>7} {'steps':>6} {'tokens':>7} {'status':<9} tag")
+    for run in runs:
+        k = run.bptt_k if run.bptt_k is not None and run.r > 1 else "-"
+        inj = "none" if run.r == 1 else run.injection
+        print(f"{format_budget(run.budget):>8} {run.size:>3} {run.d_model:>5} {run.r:>2} {k:>2} {inj:<13} "
+              f"{run.seed:>4} {human(run.n_once):>7} {human(run.n_rec):>7} {human(run.flops_per_token):>7} "
+              f"{run.steps:>6} {human(run.tokens):>7} {run.status:<9} {run.tag}")
+    budgets = sum(r.budget for r in runs)
+    actual = sum(r.train_flops for r in runs)
+    seconds = actual / rate
+    pending = sum(r.status != "ok" for r in runs)
+    if opts.preset.cpu:
+        cost = f"~{seconds / 60 / max(opts.jobs, 1):.1f} min with {opts.jobs} run(s) at once"
+    else:
+        cost = f"~{seconds / 3600:.1f} GPU-hours"
+    print(f"total: {len(runs)} runs, {budgets:.4g} FLOPs, {cost} ({rate_how}); "
+          f"after rounding steps {actual:.4g} FLOPs; {pending} not yet ok")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    presets = "\n".join(f"  {name:<12} {p.about}" for name, p in PRESETS.items())
+    p = argparse.ArgumentParser(
+        prog=os.environ.get("SWEEP_PROG", "sweep.py"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a grid of train.py runs (budgets x widths x recurrences) and fit the "
+                    "scaling law to them with fit_law.py.",
+        epilog=f"presets (--preset NAME; default {DEFAULT_PRESET}):\n{presets}\n\n"
+               "Runs whose <out>/<tag>.json says ok are skipped; failed and preempted runs are rerun\n"
+               "with --resume (from their newest checkpoint). A failed run never stops the grid.\n"
+               "Flags after -- go to every train.py run, e.g.  -- --device-batch 8 --no-compile\n"
+               "SWEEP_TRAIN_CMD (env) replaces 'python train.py' in every command (used by the tests).")
+    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
+                   help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    p.add_argument("--grid", metavar="FILE", help="run the cells of a CSV or JSON file instead of the "
+                   "preset's (columns budget, size, r; optional injection, lanes, bptt_k, seed, tag and "
+                   "any train.py flag); settings it does not give come from --preset")
+    p.add_argument("--data", help="data directory of prepare_data.py (default: the preset's; "
+                   "data/local is built automatically if missing)")
+    p.add_argument("--out", help="output directory (default runs/<preset>)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds: every cell once per seed (default 0)")
+    p.add_argument("--repeat", action="append", default=[], metavar="C:s:r",
+                   help="also rerun cell (budget C, width s, recurrence r) with --repeat-seeds (repeatable)")
+    p.add_argument("--repeat-seeds", default="1,2", help="seeds for --repeat cells (default 1,2)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs this node offers; runs are packed onto them via CUDA_VISIBLE_DEVICES "
+                        "(default: all visible; 0 runs on CPU)")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs per run, through torchrun --standalone --nproc_per_node=M (default 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="CPU only: runs at once (default: the preset's); threads are split between them")
+    p.add_argument("--slurm", action="store_true",
+                   help="write a Slurm job array (one task per pending run) and a fit job to "
+                        "<out>/slurm/ and sbatch them if sbatch exists")
+    p.add_argument("--slurm-opt", action="append", default=[], metavar="OPT", dest="slurm_opts",
+                   help="extra #SBATCH line, e.g. --slurm-opt=--time=12:00:00 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (one line per run, then the total) and exit")
+    p.add_argument("--no-fit", action="store_true", help="do not run fit_law.py at the end")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="case studies: directory of the shared r=1 runs, fitted together with these "
+                        "(default runs/paper for paper-trunc and paper-hc)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep resume checkpoints of finished runs (default: deleted once a run is ok)")
+    return p
+
+
+def parse_int_list(text, name):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SweepError(f"{name} {text!r}: expected comma-separated integers") from None
+
+
+def parse_args(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1:]
+    opts = build_parser().parse_args(argv)
+    opts.train_args = train_args
+    if opts.preset not in PRESETS:
+        raise SweepError(f"--preset {opts.preset!r}: choose one of {', '.join(PRESETS)}")
+    opts.preset_name = opts.preset
+    opts.preset = PRESETS[opts.preset]
+    opts.seeds = parse_int_list(opts.seeds, "--seeds")
+    repeat_seeds = parse_int_list(opts.repeat_seeds, "--repeat-seeds")
+    repeats = []
+    for text in opts.repeat:
+        parts = text.split(":")
+        try:
+            repeats.append((float(parts[0]), int(parts[1]), int(parts[2])))
+        except (ValueError, IndexError):
+            raise SweepError(f"--repeat {text!r}: expected C:s:r, e.g. 1e18:10:4") from None
+    if repeats:
+        opts.preset = replace(opts.preset, repeats=opts.preset.repeats + repeats,
+                              repeat_seeds=tuple(repeat_seeds))
+    opts.data = opts.data or opts.preset.data
+    opts.out = opts.out or os.path.join("runs", opts.preset_name)
+    if opts.baseline is None and opts.preset.share_r1_from:
+        opts.baseline = os.path.join(os.path.dirname(os.path.normpath(opts.out)) or ".",
+                                     opts.preset.share_r1_from)
+    if opts.gpus is None:
+        opts.gpus = 0 if opts.preset.cpu else visible_gpus()
+    if opts.gpus < 0 or opts.gpus_per_run < 1:
+        raise SweepError("--gpus must be >= 0 and --gpus-per-run >= 1")
+    if opts.gpus and opts.gpus < opts.gpus_per_run:
+        raise SweepError(f"--gpus {opts.gpus} is fewer than --gpus-per-run {opts.gpus_per_run}")
+    cores = os.cpu_count() or 1
+    opts.jobs = opts.jobs or min(opts.preset.jobs, cores)
+    if opts.jobs < 1:
+        raise SweepError("--jobs must be >= 1")
+    opts.threads = max(1, cores // opts.jobs)
+    return opts
+
+
+def visible_gpus():
+    """GPUs without importing torch in this process (nvidia-smi), honouring CUDA_VISIBLE_DEVICES."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([x for x in env.split(",") if x.strip()])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def ensure_data(opts):
+    """Builds data/local (the embedded corpus) if it is the data asked for and missing."""
+    if os.path.exists(os.path.join(opts.data, "meta.json")):
+        return
+    if os.path.normpath(opts.data) == os.path.normpath("data/local"):
+        print(f"[sweep] {opts.data} has no meta.json: building the local corpus with prepare_data.py",
+              flush=True)
+        res = subprocess.run([sys.executable, short_path(PREPARE_DATA_PY), "--out", opts.data])
+        if res.returncode == 0 and os.path.exists(os.path.join(opts.data, "meta.json")):
+            return
+        raise SweepError(f"prepare_data.py failed (exit {res.returncode}); see its output above")
+    raise SweepError(f"--data {opts.data} has no meta.json: build it first with prepare_data.py "
+                     f"(e.g. python prepare_data.py --source fineweb-edu --shards 4)")
+
+
+def main(argv=None):
+    try:
+        opts = parse_args(argv)
+        cells = read_grid_file(opts.grid) if opts.grid else preset_cells(opts.preset, opts.seeds)
+        runs = cells_to_runs(cells, opts.preset)
+        vocab = data_vocab_size(opts.data)
+        if vocab is None:
+            vocab = opts.preset.vocab_size
+            if opts.dry_run:
+                print(f"# vocab {vocab} assumed ({opts.data} has no meta.json yet)")
+        plan(runs, vocab)
+        read_status(opts.out, runs)
+        rate, rate_how = throughput(opts.preset, opts.out, opts.threads)
+        if opts.dry_run:
+            print_plan(runs, rate, rate_how, opts)
+            return 0
+        pending = [r for r in runs if r.status != "ok"]
+        if opts.slurm:
+            if not pending:
+                print(f"[sweep] all {len(runs)} runs in {opts.out} are ok: nothing to submit")
+                return 0
+            script, fit_script = write_slurm(pending, opts)
+            print(f"[sweep] wrote {script} ({len(pending)} array tasks) and {fit_script}")
+            return submit_slurm(script, fit_script)
+        ensure_data(opts)
+        if data_vocab_size(opts.data) != vocab:      # data was just built: plan with its vocab
+            plan(runs, data_vocab_size(opts.data))
+        os.makedirs(opts.out, exist_ok=True)
+        print(f"[sweep] preset {opts.preset_name}: {len(runs)} runs, {len(runs) - len(pending)} already ok, "
+              f"{len(pending)} to run -> {opts.out}", flush=True)
+        results = run_locally(pending, opts, rate) if pending else {}
+        failed = sorted(tag for tag, status in results.items() if status != "ok")
+        if failed:
+            print(f"[sweep] {len(failed)} run(s) not ok: {', '.join(failed)}; rerun the same command "
+                  f"to retry them (with --resume)", flush=True)
+        fit_code = 0 if opts.no_fit else run_fit(opts)
+        return 1 if failed or fit_code else 0
+    except SweepError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\n[sweep] stopped; running runs were told to checkpoint (status preempted). "
+              "Rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""
+Tests of sweep.sh / sweep.py: the plans of the paper presets, a real tiny CPU sweep (skip, rerun,
+a failed run that does not stop the grid, the fit), the Slurm script and GPU slot packing.
+
+Flow: a session fixture builds a tiny data dir with prepare_data.py; the tiny sweep trains six
+real runs of a few steps; packing and Slurm use a fake train command (SWEEP_TRAIN_CMD) that
+records its CUDA_VISIBLE_DEVICES and start/end times and writes an ok JSON.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sweep  # noqa: E402
+
+PAPER = {4.64e17: [6, 8, 10, 12], 1e18: [6, 8, 10, 12, 14], 2.15e18: [8, 10, 12, 14, 16],
+         4.64e18: [10, 12, 14, 16, 18, 20], 1e19: [12, 16, 18, 20, 24], 2.15e19: [18, 24, 28, 34]}
+LOWER = [4.64e17, 1e18, 2.15e18, 4.64e18]
+
+
+def sweep_sh(*args, env=None, cwd=ROOT):
+    env = dict(env or os.environ, PYTHON=sys.executable)
+    return subprocess.run(["bash", os.path.join(ROOT, "sweep.sh"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def plan_rows(stdout):
+    """Dry-run lines -> list of dicts (budget, s, d, r, k, inj, seed, ..., steps, tokens, status, tag)."""
+    lines = [l for l in stdout.splitlines() if l.strip() and not l.startswith("#")]
+    header, rows, total = lines[0].split(), [], lines[-1]
+    for line in lines[1:-1]:
+        rows.append(dict(zip(header, line.split())))
+    return rows, total
+
+
+def dry_run(preset, tmp_path):
+    res = sweep_sh("--preset", preset, "--dry-run", "--out", str(tmp_path / preset),
+                   "--data", str(tmp_path / "no-data"))
+    assert res.returncode == 0, res.stderr
+    return plan_rows(res.stdout)
+
+
+# -----------------------------------------------------------------------------
+# Plans
+
+def test_paper_dry_run_lists_the_116_runs(tmp_path):
+    rows, total = dry_run("paper", tmp_path)
+    assert len(rows) == 116
+    for r in (1, 2, 4, 8):
+        got = {}
+        for row in rows:
+            if int(row["r"]) == r:
+                got.setdefault(float(row["budget"]), []).append(int(row["s"]))
+        assert got == PAPER
+    assert {row["inj"] for row in rows if row["r"] != "1"} == {"linear"}
+    assert len({row["tag"] for row in rows}) == 116
+    budget_sum = 4 * sum(c * len(w) for c, w in PAPER.items())
+    assert total.startswith("total: 116 runs, ")
+    printed = float(total.split(", ")[1].split()[0])
+    assert printed == pytest.approx(budget_sum, rel=1e-3)
+    assert "GPU-hours" in total
+
+
+def test_case_study_grids(tmp_path):
+    trunc, _ = dry_run("paper-trunc", tmp_path)
+    hc, _ = dry_run("paper-hc", tmp_path)
+    # trunc: 3 r x (4 + 6 + 6 + 7) = 69; hc: 3 r x (4 + 5 + 6 + 6) = 63
+    assert len(trunc) == 69 and len(hc) == 63
+    extra_trunc = {4.64e17: [], 1e18: [16], 2.15e18: [18], 4.64e18: [22]}
+    extra_hc = {4.64e17: [], 1e18: [], 2.15e18: [18], 4.64e18: []}
+    for rows, extra in ((trunc, extra_trunc), (hc, extra_hc)):
+        assert {int(row["r"]) for row in rows} == {2, 4, 8}
+        for r in (2, 4, 8):
+            got = {}
+            for row in rows:
+                if int(row["r"]) == r:
+                    got.setdefault(float(row["budget"]), []).append(int(row["s"]))
+            assert got == {c: PAPER[c] + extra[c] for c in LOWER}
+    assert {(row["r"], row["k"]) for row in trunc} == {("2", "1"), ("4", "2"), ("8", "4")}
+    assert {row["inj"] for row in hc} == {"hyperconnect"}
+
+
+def test_plan_matches_train_py_dry_run():
+    """steps, tokens and the parameter split must be what train.py itself will use."""
+    opts = sweep.parse_args(["--preset", "paper-trunc", "--gpus", "1"])
+    runs = sweep.plan(sweep.cells_to_runs(sweep.preset_cells(opts.preset, [0]), opts.preset), 32768)
+    run = next(r for r in runs if r.r == 4 and r.size == 10 and r.budget == 1e18)
+    cmd = sweep.train_command(run, opts)
+    cmd = cmd[:cmd.index("--data")] + ["--vocab-size", "32768", "--dry-run"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert (plan["steps"], plan["tokens"], plan["n_once"], plan["n_rec"], plan["flops_per_token"],
+            plan["bptt_k"]) == (run.steps, run.tokens, run.n_once, run.n_rec, run.flops_per_token, 2)
+
+
+def test_mini_and_demo_designs(tmp_path):
+    mini, _ = dry_run("mini", tmp_path)
+    budgets = sorted({float(row["budget"]) for row in mini})
+    assert len(budgets) == 4 and budgets[-1] / budgets[0] >= 10
+    assert {int(row["r"]) for row in mini} == {1, 2, 4, 8}
+    total = sum(float(row["budget"]) for row in mini)
+    assert 1e18 <= total <= 2e18
+    demo, _ = dry_run("demo", tmp_path)
+    assert {int(row["r"]) for row in demo} == {1, 2, 4} and len(demo) == 27
+
+
+def test_seeds_and_repeats(tmp_path):
+    rows, _ = plan_rows(sweep_sh("--preset", "paper", "--dry-run", "--out", str(tmp_path),
+                                 "--repeat", "1e18:10:4", "--repeat-seeds", "1,2").stdout)
+    assert len(rows) == 118
+    assert {r["tag"] for r in rows} >= {"C1e18_s10_r4_linear_seed1", "C1e18_s10_r4_linear_seed2"}
+    rows, _ = plan_rows(sweep_sh("--preset", "demo", "--dry-run", "--out", str(tmp_path),
+                                 "--seeds", "0,1").stdout)
+    assert len(rows) == 54
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--preset", "nope"], "choose one of"),
+    (["--grid", "/no/such.csv", "--dry-run"], "no such file"),
+    (["--seeds", "a,b", "--dry-run"], "comma-separated"),
+    (["--preset", "paper", "--data", "/no/data", "--gpus", "1"], "no meta.json"),
+])
+def test_bad_input_is_one_line(args, words, tmp_path):
+    res = sweep_sh(*args, "--out", str(tmp_path))
+    assert res.returncode == 2
+    assert words in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_presets():
+    res = sweep_sh("--help")
+    assert res.returncode == 0
+    for name in sweep.PRESETS:
+        assert name in res.stdout
+
+
+# -----------------------------------------------------------------------------
+# A real tiny sweep on CPU
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tinydata")
+    src = base / "src"
+    src.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while def class return import".split()
+    for i in range(20):
+        lines = (" ".join(words[(i * 7 + j * k) % len(words)] for k in range(12)) for j in range(400))
+        (src / f"doc{i}.txt").write_text("\n".join(lines))
+    out = base / "data"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "--source", str(src),
+                          "--out", str(out), "--vocab-size", "300", "--val-fraction", "0.2"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return str(out)
+
+
+def statuses(out):
+    found = {}
+    for name in os.listdir(out):
+        if name.endswith(".json") and not name.startswith("fit"):
+            with open(os.path.join(out, name)) as f:
+                found[name[:-5]] = json.load(f)["status"]
+    return found
+
+
+def test_tiny_sweep_runs_skips_and_fits(tiny_data, tmp_path):
+    out = str(tmp_path / "tiny")
+    res = sweep_sh("--preset", "tiny", "--data", tiny_data, "--out", out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert statuses(out) == {t: "ok" for t in (f"C{c}_s1_r{r}_{inj}_seed0" for c in ("2e09", "4e09", "8e09")
+                                               for r, inj in ((1, "none"), (2, "linear")))}
+    assert os.path.exists(os.path.join(out, "fit.json")) and os.path.getsize(os.path.join(out, "fit.txt"))
+    assert len(os.listdir(os.path.join(out, "logs"))) == 6
+    assert not any(os.path.isdir(os.path.join(out, t)) for t in statuses(out))   # checkpoints cleaned
+    again = sweep_sh("--preset", "tiny", "--data", tiny_data, "--out", out, "--no-fit")
+    assert again.returncode == 0
+    assert "6 already ok, 0 to run" in again.stdout and "start" not in again.stdout
+
+
+def test_a_failed_run_does_not_stop_the_grid(tiny_data, tmp_path):
+    grid = tmp_path / "grid.csv"
+    grid.write_text("budget,size,r,seed,debug_nan_at\n8e9,1,2,1,0\n2e9,1,1,1,\n")
+    out = str(tmp_path / "fail")
+    res = sweep_sh("--preset", "tiny", "--grid", str(grid), "--data", tiny_data, "--out", out,
+                   "--jobs", "1", "--no-fit")
+    assert res.returncode == 1
+    assert statuses(out) == {"C8e09_s1_r2_linear_seed1": "failed", "C2e09_s1_r1_none_seed1": "ok"}
+    # the failed (larger) run went first; the other still ran after it
+    assert res.stdout.index("failed C8e09") < res.stdout.index("start C2e09")
+    assert "1 run(s) not ok" in res.stdout
+
+
+# -----------------------------------------------------------------------------
+# Packing and Slurm, with a fake train command
+
+FAKE_TRAIN = textwrap.dedent("""
+    import json, os, sys, time
+    args = sys.argv[1:]
+    get = lambda name: args[args.index(name) + 1]
+    out, tag = get("--out"), get("--tag")
+    start = time.time()
+    time.sleep(0.6)
+    rec = dict(status="ok", tag=tag, gpu=os.environ.get("CUDA_VISIBLE_DEVICES"), start=start,
+               end=time.time(), argv=args)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, tag + ".json"), "w") as f:
+        json.dump(rec, f)
+""")
+
+
+@pytest.fixture
+def fake_env(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    return dict(os.environ, SWEEP_TRAIN_CMD=f"{sys.executable} {script}")
+
+
+def test_runs_are_packed_onto_gpu_slots(fake_env, tmp_path, tiny_data):
+    out = tmp_path / "pack"
+    res = sweep_sh("--preset", "tiny", "--seeds", "0,1", "--gpus", "2", "--data", tiny_data,
+                   "--out", str(out), "--no-fit", env=fake_env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    recs = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert len(recs) == 12
+    assert {r["gpu"] for r in recs} == {"0", "1"}
+    events = sorted([(r["start"], 1, r["gpu"]) for r in recs] + [(r["end"], -1, r["gpu"]) for r in recs])
+    busy, most = set(), 0
+    for _, kind, gpu in events:
+        if kind == 1:
+            assert gpu not in busy            # never two runs on one GPU at a time
+            busy.add(gpu)
+        else:
+            busy.discard(gpu)
+        most = max(most, len(busy))
+    assert most == 2
+    firsts = [line.split(" on ")[1].split()[1] for line in res.stdout.splitlines() if "] start " in line][:2]
+    assert sorted(firsts) == ["0", "1"]
+
+
+def test_multi_gpu_runs_use_torchrun():
+    opts = sweep.parse_args(["--preset", "paper", "--gpus", "8", "--gpus-per-run", "4"])
+    slots = sweep.make_slots(opts)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0,1,2,3", "4,5,6,7"]
+    run = sweep.plan(sweep.cells_to_runs(sweep.preset_cells(opts.preset, [0])[:1], opts.preset), 32768)[0]
+    cmd = sweep.train_command(run, opts)
+    assert "--standalone" in cmd and "--nproc_per_node=4" in cmd and cmd[-1] == "--resume"
+
+
+def test_slurm_script_has_one_task_per_pending_run(fake_env, tmp_path, tiny_data):
+    out = tmp_path / "slurm"
+    out.mkdir()
+    (out / "C2e09_s1_r1_none_seed0.json").write_text(json.dumps({"status": "ok"}))
+    (out / "C4e09_s1_r2_linear_seed0.json").write_text(json.dumps({"status": "failed"}))
+    env = dict(fake_env, PATH="/usr/bin:/bin")          # no sbatch here
+    common = ["--preset", "tiny", "--data", tiny_data, "--out", str(out)]
+    res = sweep_sh(*common, "--slurm", "--slurm-opt=--time=1:00:00", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "sbatch not found" in res.stdout
+    script = (out / "slurm" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-4" in script and "#SBATCH --time=1:00:00" in script
+    commands = (out / "slurm" / "commands.txt").read_text().splitlines()
+    assert len(commands) == 5 and all(c.endswith("--resume") for c in commands)
+    assert (out / "slurm" / "fit.sbatch").exists()
+    # each task's command is the command the local runner uses
+    res = sweep_sh(*common, "--no-fit", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    local = [p.read_text().splitlines()[0][2:] for p in (out / "logs").glob("*.log")]
+    assert sorted(local) == sorted(commands)
