@@ -174,6 +174,77 @@ def flops_per_token(cfg: GPTConfig) -> int:
 
 
 # -----------------------------------------------------------------------------
+# Soft-capped cross-entropy, fused with the LM head and computed in row chunks
+
+def softcap_ce_chunk(z, targets, vocab_size: int, cap: float, with_grad: bool):
+    """z: raw logits [rows, V_padded] (any float dtype). Returns per-row losses (fp32, 0 where
+    the target is < 0) and, if asked, dloss/dz for the summed loss, in z's dtype (0 on padding)."""
+    t = torch.tanh(z.float() / cap)
+    capped = cap * t
+    if z.size(-1) > vocab_size:      # padded vocabulary entries never win probability
+        padding = torch.arange(z.size(-1), device=z.device) >= vocab_size
+        capped = capped.masked_fill(padding, float("-inf"))
+    lse = torch.logsumexp(capped, dim=-1)
+    valid = targets >= 0
+    safe = targets.clamp(min=0)
+    picked = capped.gather(1, safe[:, None])[:, 0]
+    losses = torch.where(valid, lse - picked, 0.0)
+    if not with_grad:
+        return losses, None
+    probs = torch.exp(capped - lse[:, None])
+    is_target = torch.arange(z.size(-1), device=z.device) == safe[:, None]
+    dcapped = (probs - is_target.to(probs.dtype)) * valid[:, None]
+    return losses, (dcapped * (1 - t * t)).to(z.dtype)
+
+
+_compiled_ce_chunk = None
+
+
+def ce_chunk(z, targets, vocab_size, cap, with_grad):
+    """On a GPU the chunk math is one compiled (fused) kernel pass instead of ten eager ones."""
+    global _compiled_ce_chunk
+    if not z.is_cuda:
+        return softcap_ce_chunk(z, targets, vocab_size, cap, with_grad)
+    if _compiled_ce_chunk is None:
+        _compiled_ce_chunk = torch.compile(softcap_ce_chunk, dynamic=False)
+    return _compiled_ce_chunk(z, targets, vocab_size, cap, with_grad)
+
+
+def chunked_lm_head_ce(h, weight, targets, vocab_size, cap, with_grad, chunk_rows=None):
+    """Losses per row of h [N, d] against targets [N], never holding more than one chunk of
+    logits. With with_grad, also the gradients of the summed loss w.r.t. h and the head weight:
+    the loss is the last op, so they can be formed here, chunk by chunk. The matmuls use the
+    padded head (its row count is a multiple of 64, which the GPU's matmul kernels need)."""
+    w = weight.to(h.dtype)
+    chunk_rows = chunk_rows or 2 ** max(0, 28 - math.ceil(math.log2(weight.size(0))))
+    losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if with_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grad else None
+    for i in range(0, h.size(0), chunk_rows):
+        rows = slice(i, i + chunk_rows)
+        losses[rows], dz = ce_chunk(h[rows] @ w.t(), targets[rows], vocab_size, cap, with_grad)
+        if with_grad:
+            grad_h[rows] = dz @ w
+            grad_w += (dz.t() @ h[rows]).float()
+    return losses, grad_h, grad_w
+
+
+class FusedSoftcapCE(torch.autograd.Function):
+    """Summed soft-capped cross-entropy of lm_head(h); gradients are computed in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, cap):
+        losses, grad_h, grad_w = chunked_lm_head_ce(h, weight, targets, vocab_size, cap, True)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out, None, None, None
+
+
+# -----------------------------------------------------------------------------
 # Layers
 
 class RMSNorm(nn.Module):
@@ -299,6 +370,7 @@ class GPT(nn.Module):
             self.hc_alpha = nn.Parameter(torch.zeros(cfg.r, K))
             self.hc_mix = nn.Parameter(torch.zeros(cfg.r, K, K))
             self.hc_beta = nn.Parameter(torch.zeros(cfg.r, K))
+        self.fused_loss = True            # False: plain logits -> F.cross_entropy (reference)
         cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
@@ -429,14 +501,35 @@ class GPT(nn.Module):
         """Logits without targets; else the cross-entropy (targets < 0 ignored).
 
         reduction="none" returns per-token losses [B, T] (0 where ignored), for evaluation.
+        The loss never materialises the whole batch's logits (see chunked_lm_head_ce).
         """
-        logits = self.logits(self.hidden_states(idx))
+        h = self.hidden_states(idx)
         if targets is None:
-            return logits
-        targets = targets.clamp(min=-1)          # every negative target becomes ignore_index
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=reduction)
-        return loss.view_as(targets) if reduction == "none" else loss
+            return self.logits(h)
+        if not self.fused_loss:   # the plain reference path: whole-batch fp32 logits
+            targets = targets.clamp(min=-1)
+            logits = self.logits(h)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1, reduction=reduction)
+            return loss.view_as(targets) if reduction == "none" else loss
+        return self.loss(h, targets, reduction)
+
+    @torch.compiler.disable  # its chunk loop runs eagerly around one compiled kernel per chunk
+    def loss(self, h, targets, reduction="mean"):
+        flat_h, flat_t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        if reduction == "none":
+            with torch.no_grad():
+                losses, _, _ = chunked_lm_head_ce(flat_h, self.lm_head.weight, flat_t,
+                                                  self.cfg.vocab_size, self.cfg.softcap, False)
+            return losses.view_as(targets)
+        if not (torch.is_grad_enabled() and (flat_h.requires_grad or self.lm_head.weight.requires_grad)):
+            losses, _, _ = chunked_lm_head_ce(flat_h, self.lm_head.weight, flat_t,
+                                              self.cfg.vocab_size, self.cfg.softcap, False)
+            total = losses.sum()
+        else:
+            total = FusedSoftcapCE.apply(flat_h, self.lm_head.weight, flat_t,
+                                         self.cfg.vocab_size, self.cfg.softcap)
+        return total / (flat_t >= 0).sum().clamp(min=1)
 
     # ---- generation
 

@@ -274,3 +274,28 @@ def test_init_statistics():
 def test_bad_config_says_what_to_change(kwargs, words):
     with pytest.raises(ValueError, match=words):
         tiny(**kwargs)
+
+
+def test_chunked_fused_cross_entropy_equals_plain_softcapped_ce():
+    """The chunked loss (gradients formed in forward) against logits -> softcap -> F.cross_entropy."""
+    import model as model_lib
+    torch.manual_seed(3)
+    N, d, V, Vp = 50, 16, 37, 64
+    h = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(Vp, d, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[:4] = -1
+    z = (h @ w.t())[:, :V]
+    reference = torch.nn.functional.cross_entropy(15 * torch.tanh(z / 15), targets,
+                                                  ignore_index=-1, reduction="sum")
+    ref_grads = torch.autograd.grad(reference, (h, w))
+    losses, grad_h, grad_w = model_lib.chunked_lm_head_ce(h.detach(), w.detach(), targets, V, 15.0,
+                                                          True, chunk_rows=7)
+    torch.testing.assert_close(losses.sum().double(), reference.detach(), rtol=1e-5, atol=1e-5)
+    # the chunk math runs in fp32, as on the GPU
+    torch.testing.assert_close(grad_h, ref_grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_w.double(), ref_grads[1], rtol=1e-4, atol=1e-5)
+    assert (losses[:4] == 0).all()
+    total = model_lib.FusedSoftcapCE.apply(h, w, targets, V, 15.0)
+    (2.5 * total).backward()       # the upstream gradient scales the saved ones
+    torch.testing.assert_close(h.grad, 2.5 * ref_grads[0], rtol=1e-4, atol=1e-5)
