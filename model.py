@@ -21,11 +21,17 @@ a sweep can plan hundreds of runs in a second) and checked against the real tens
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+# Backends scaled_dot_product_attention may use, best first (None: PyTorch's own choice).
+# train.py sets this on a GPU; see README, Throughput.
+ATTENTION_BACKENDS = None
 
 INJECTIONS = ("linear", "additive", "none", "hyperconnect")
 
@@ -295,7 +301,8 @@ class Attention(nn.Module):
             causal = T > 1   # a single new token may attend to everything cached before it
             if causal and k.size(2) != T:
                 raise ValueError("prefill a KV cache in one call, then decode one token at a time")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True) if ATTENTION_BACKENDS else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.o(y.transpose(1, 2).reshape(B, T, d))
 
 

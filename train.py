@@ -292,14 +292,14 @@ def default_device_batch(cfg, rows_per_step, world, device):
 
 
 def select_attention_backend(choice):
-    """cuDNN's fused attention is the fastest SDPA backend on Hopper (see README, Throughput);
-    turning the others off makes SDPA (also inside torch.compile) pick it."""
-    if choice == "default":
-        return
-    torch.backends.cuda.enable_flash_sdp(choice == "flash")
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-    torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
-    torch.backends.cuda.enable_math_sdp(True)      # fallback for shapes neither supports
+    """cuDNN's fused attention is the fastest SDPA backend on Hopper (scripts/attention_backends.py
+    measures it); flash stays as the fallback for shapes cuDNN does not take."""
+    from torch.nn.attention import SDPBackend
+    import model as model_lib
+    model_lib.ATTENTION_BACKENDS = {
+        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+        "default": None}[choice]
 
 
 def git_state():
