@@ -383,7 +383,8 @@ def flag(name):
 def train_command(run, opts):
     """The exact train.py command line of one run (the same locally and in a Slurm task)."""
     cmd = train_prefix(opts.gpus_per_run)
-    cmd += ["--size", str(run.size), "--r", str(run.r), "--injection", run.injection,
+    # --recurrences is --r; the long spelling survives torchrun's abbreviation matching
+    cmd += ["--size", str(run.size), "--recurrences", str(run.r), "--injection", run.injection,
             "--target-flops", format_budget(run.budget), "--seed", str(run.seed)]
     if run.injection == "hyperconnect":
         cmd += ["--lanes", str(run.lanes)]

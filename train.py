@@ -57,7 +57,9 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model (see model.py)")
     m.add_argument("--size", type=int, default=10, help="width scale s: d_model = 64*s rounded up to head_dim")
-    m.add_argument("--r", type=int, default=1, help="recurrences of the shared block (1 = plain GPT)")
+    m.add_argument("--r", "--recurrences", dest="r", type=int, default=1,
+                   help="recurrences of the shared block (1 = plain GPT); under torchrun on Python 3.11 "
+                        "write --recurrences (torchrun's own parser rejects --r as ambiguous)")
     m.add_argument("--depth", type=int, default=20, help="effective depth n_prelude + r*n_recur + n_coda")
     m.add_argument("--n-prelude", type=int, default=2)
     m.add_argument("--n-coda", type=int, default=2)

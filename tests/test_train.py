@@ -6,6 +6,7 @@ Numbers are checked against SPEC.md section 3 written out by hand here.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -141,4 +142,100 @@ def test_bad_flags_give_one_line_errors(flags, words):
     proc = run_train(*flags, check=False)
     assert proc.returncode == 2
     assert words in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---- whole runs on CPU -------------------------------------------------------------------------
+
+TINY = ["--size", "1", "--head-dim", "32", "--depth", "4", "--n-prelude", "1", "--n-coda", "1",
+        "--r", "2", "--seq-len", "32", "--batch-tokens", "512", "--eval-tokens", "2048",
+        "--log-every", "5", "--samples", "1", "--device", "cpu"]
+
+RUN_KEYS = """status error tag r size d_model depth n_prelude n_recur n_coda injection lanes bptt_k
+n_once n_rec n_embedding n_total flops_per_token target_flops batch_tokens seq_len steps tokens
+val_loss val_bpb train_loss wall_seconds tokens_per_second mfu device world_size vocab_size data
+git_commit history n_lm_head seed lr epochs data_checksum tokenizer torch_version cuda_version
+git_dirty""".split()
+
+
+def read_run(out, tag):
+    with open(os.path.join(out, tag + ".json")) as f:
+        return json.load(f)
+
+
+def single_thread_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return env
+
+
+def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
+    out = str(tmp_path)
+    run_train(*TINY, "--data", tiny_data, "--steps", "40", "--out", out, "--tag", "t",
+              env=single_thread_env())
+    rec = read_run(out, "t")
+    missing = [k for k in RUN_KEYS if k not in rec]
+    assert not missing, missing
+    assert rec["status"] == "ok" and rec["error"] is None
+    assert rec["val_loss"] < math.log(rec["vocab_size"]) - 1.0   # ln(300) = 5.7: clearly learned
+    assert rec["train_loss"] < math.log(rec["vocab_size"]) - 1.0
+    assert rec["tokens"] == 40 * 512 and rec["steps"] == 40
+    assert rec["val_bpb"] > 0 and rec["epochs"] > 0
+    assert rec["history"][-1]["step"] == 40 and "val_loss" in rec["history"][-1]
+    assert set(rec["lr"]) == {"matrix", "embedding", "lm_head", "norm", "hyperconnect"}
+
+
+def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path):
+    common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0"]
+    one = str(tmp_path / "one")
+    run_train(*common, "--device-batch", "8", "--out", one, "--tag", "x", env=single_thread_env())
+    two = str(tmp_path / "two")
+    under_torchrun = ["--recurrences" if f == "--r" else f for f in common]  # see train.py --help
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *under_torchrun,
+                           "--device-batch", "4", "--out", two, "--tag", "x"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_run(one, "x"), read_run(two, "x")
+    assert b["world_size"] == 2
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+
+
+def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path):
+    common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", "p"]
+    whole = str(tmp_path / "whole")
+    run_train(*common, "--out", whole, env=single_thread_env())
+    split = str(tmp_path / "split")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--out", split,
+                             "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env=single_thread_env())
+    for line in proc.stdout:            # preempt once training is under way
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 8:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == 0
+    rec = read_run(split, "p")
+    assert rec["status"] == "preempted" and 8 <= rec["preempted_at_step"] < 30
+    assert os.listdir(os.path.join(split, "p"))   # the checkpoint
+    run_train(*common, "--out", split, "--resume", env=single_thread_env())
+    resumed, reference = read_run(split, "p"), read_run(whole, "p")
+    assert resumed["status"] == "ok"
+    assert resumed["val_loss"] == reference["val_loss"]      # bit for bit on CPU
+    assert resumed["train_loss"] == reference["train_loss"]
+
+
+def test_nan_loss_writes_a_failed_json_and_exits_nonzero(tiny_data, tmp_path):
+    proc = run_train(*TINY, "--data", tiny_data, "--steps", "10", "--out", str(tmp_path), "--tag", "n",
+                     "--debug-nan-at", "3", check=False, env=single_thread_env())
+    assert proc.returncode == 1
+    rec = read_run(str(tmp_path), "n")
+    assert rec["status"] == "failed" and "nan" in rec["error"].lower()
+    assert "val_loss" not in rec
+
+
+def test_impossible_device_batch_is_a_one_line_error(tiny_data, tmp_path):
+    proc = run_train(*TINY, "--data", tiny_data, "--steps", "2", "--out", str(tmp_path),
+                     "--device-batch", "5", check=False)
+    assert proc.returncode == 2 and "does not divide" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
