@@ -81,12 +81,13 @@ MINI_BUDGETS = {
 MINI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_dim=64,
                      seq_len=1024, batch_tokens=65536)
 
-# demo: a CPU grid on the embedded stdlib corpus (vocab 8192), < 10 min on 2 cores incl. the fit.
-# Depth 6 = 1 + 4 + 1: r = 1, 2, 4. Widths s -> d_model = 64 s (head_dim 32).
+# demo: a CPU grid on the embedded stdlib corpus (data/demo: vocab 1024), < 10 min on 2 cores
+# incl. the fit. Depth 6 = 1 + 4 + 1: r = 1, 2, 4. Widths s -> d_model = 64 s (head_dim 32).
+# Even s = 1 is wider than compute-optimal at these budgets, so phi is loosely constrained.
 DEMO_BUDGETS = {
-    3e11:   [1, 2, 3],
     6e11:   [1, 2, 3],
     1.2e12: [1, 2, 3],
+    2.4e12: [1, 2, 3],
 }
 DEMO_SETTINGS = dict(depth=6, n_prelude=1, n_coda=1, injection="linear", head_dim=32,
                      seq_len=128, batch_tokens=2048, eval_tokens=32768, samples=0, device="cpu")
@@ -140,9 +141,10 @@ PRESETS = {
         "4.64e15..4.64e16, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 1024, batch 65536",
         MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/fineweb-edu"),
     "demo": Preset(
-        "CPU demo on the embedded stdlib corpus: 3 budgets 3e11..1.2e12, r = 1, 2, 4, widths "
-        "s = 1..3, depth 6 (1-4/r-1), T 128; < 10 min on 2 cores, phi with a wide CI",
-        DEMO_BUDGETS, (1, 2, 4), DEMO_SETTINGS, vocab_size=8192, checkpoints=2, cpu=True,
+        "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
+        "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",
+        DEMO_BUDGETS, (1, 2, 4), DEMO_SETTINGS, data="data/demo", vocab_size=1024, checkpoints=2,
+        cpu=True,
         jobs=2, fit_args=("--restarts", "200", "--bootstrap", "100")),
     "tiny": Preset(
         "six runs of a few steps (3 budgets x r = 1, 2, s = 1) for the tests",
@@ -805,14 +807,20 @@ def visible_gpus():
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
+# Embedded-corpus data dirs sweep.sh builds itself when missing: dir -> prepare_data.py flags.
+# The demo's small vocabulary leaves its tiny CPU models more of their FLOPs for the blocks.
+BUILDABLE_DATA = {"data/local": [], "data/demo": ["--vocab-size", "1024"]}
+
+
 def ensure_data(opts):
-    """Builds data/local (the embedded corpus) if it is the data asked for and missing."""
+    """Builds an embedded-corpus data dir (BUILDABLE_DATA) if it is the data asked for and missing."""
     if os.path.exists(os.path.join(opts.data, "meta.json")):
         return
-    if os.path.normpath(opts.data) == os.path.normpath("data/local"):
+    flags = BUILDABLE_DATA.get(os.path.normpath(opts.data))
+    if flags is not None:
         print(f"[sweep] {opts.data} has no meta.json: building the local corpus with prepare_data.py",
               flush=True)
-        res = subprocess.run([sys.executable, short_path(PREPARE_DATA_PY), "--out", opts.data])
+        res = subprocess.run([sys.executable, short_path(PREPARE_DATA_PY), "--out", opts.data, *flags])
         if res.returncode == 0 and os.path.exists(os.path.join(opts.data, "meta.json")):
             return
         raise SweepError(f"prepare_data.py failed (exit {res.returncode}); see its output above")

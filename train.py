@@ -253,6 +253,8 @@ def setup_distributed(args):
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    # NVLink multicast (NVLS) can take a shared host's GPUs out of service: off unless asked for.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     local_rank = int(env.get("LOCAL_RANK", 0))
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -225,6 +225,33 @@ def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path):
     assert resumed["train_loss"] == reference["train_loss"]
 
 
+def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path):
+    """A run started on one process and resumed on two (same global batch) ends where an
+    uninterrupted single-process run ends."""
+    common = [*TINY, "--data", tiny_data, "--steps", "20", "--samples", "0", "--tag", "w"]
+    whole = str(tmp_path / "whole")
+    run_train(*common, "--out", whole, env=single_thread_env())
+    split = str(tmp_path / "split")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--out", split,
+                             "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env=single_thread_env())
+    for line in proc.stdout:
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 6:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == 0 and read_run(split, "w")["status"] == "preempted"
+    two_ranks = ["--recurrences" if f == "--r" else f for f in common]
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *two_ranks,
+                              "--out", split, "--resume", "--device-batch", "4"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_run(whole, "w"), read_run(split, "w")
+    assert b["status"] == "ok" and b["world_size"] == 2
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+
+
 def test_nan_loss_writes_a_failed_json_and_exits_nonzero(tiny_data, tmp_path):
     proc = run_train(*TINY, "--data", tiny_data, "--steps", "10", "--out", str(tmp_path), "--tag", "n",
                      "--debug-nan-at", "3", check=False, env=single_thread_env())
