@@ -425,7 +425,7 @@ class Preempted(Exception):
 
 
 class Run:
-    """Holds everything one training run needs; `train()` does the work."""
+    """This process's place in the job (rank, world size, device) and whether it was asked to stop."""
 
     def __init__(self, args):
         self.args = args
@@ -438,7 +438,8 @@ class Run:
             print(msg, flush=True)
 
 
-def describe(args, cfg, data_meta):
+def plan_run(args, cfg, data_meta):
+    """Everything known before training: accounting, horizon, learning rates (the --dry-run JSON)."""
     counts = count_params(cfg)
     F_tok = flops_per_token(cfg)
     steps, planned = plan_horizon(args, F_tok)
@@ -470,8 +471,12 @@ def train(args):
             raise RunError(str(err)) from None
         vocab = meta["vocab_size"]
     cfg = model_config(args, vocab)
-    plan = describe(args, cfg, meta)
+    plan = plan_run(args, cfg, meta)
     if args.dry_run:
+        peak, peak_desc = peak_flops(run.device)
+        if peak:   # an estimate, not a measurement: 40% MFU is what a tuned run reaches here
+            plan["estimated_hours"] = plan["train_flops"] / (0.4 * peak * run.world) / 3600
+            plan["estimated_on"] = f"{peak_desc}, 40% MFU"
         print(json.dumps(plan, indent=1))
         return 0
     device = run.device

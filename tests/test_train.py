@@ -201,20 +201,25 @@ def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path):
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
+def preempt_after(flags, out, step):
+    """Start a run and send it SIGTERM (what Slurm sends) once it has logged `step`."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out,
+                             "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env=single_thread_env())
+    for line in proc.stdout:
+        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= step:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=300) == 0
+
+
 def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path):
     common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", "p"]
     whole = str(tmp_path / "whole")
     run_train(*common, "--out", whole, env=single_thread_env())
     split = str(tmp_path / "split")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--out", split,
-                             "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env=single_thread_env())
-    for line in proc.stdout:            # preempt once training is under way
-        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 8:
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=300) == 0
+    preempt_after(common, split, step=8)
     rec = read_run(split, "p")
     assert rec["status"] == "preempted" and 8 <= rec["preempted_at_step"] < 30
     assert os.listdir(os.path.join(split, "p"))   # the checkpoint
@@ -232,15 +237,8 @@ def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path):
     whole = str(tmp_path / "whole")
     run_train(*common, "--out", whole, env=single_thread_env())
     split = str(tmp_path / "split")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *common, "--out", split,
-                             "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env=single_thread_env())
-    for line in proc.stdout:
-        if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 6:
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=300) == 0 and read_run(split, "w")["status"] == "preempted"
+    preempt_after(common, split, step=6)
+    assert read_run(split, "w")["status"] == "preempted"
     two_ranks = ["--recurrences" if f == "--r" else f for f in common]
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                               "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *two_ranks,
