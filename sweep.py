@@ -507,8 +507,13 @@ def run_locally(runs, opts, rate_guess):
           + (f", {opts.threads} thread(s) each" if opts.gpus == 0 else ""), flush=True)
     try:
         while (queue and not stop["signal"]) or running:
+            if opts.time_limit and time.time() - progress.start > opts.time_limit and not stop["signal"]:
+                stop["signal"] = "time limit"
             while queue and free and not stop["signal"]:
-                run, slot = queue.pop(0), free.pop(0)
+                run = next_run_that_fits(queue, opts, rate_guess, time.time() - progress.start)
+                if run is None:
+                    break
+                slot = free.pop(0)
                 log_path = os.path.join(log_dir, run.tag + ".log")
                 cmd = train_command(run, opts)
                 with open(log_path, "a") as log:
@@ -518,6 +523,8 @@ def run_locally(runs, opts, rate_guess):
                                             env=dict(os.environ, **slot.env), start_new_session=True)
                 running[proc.pid] = (proc, run, slot, log_path, time.time())
                 print(f"[sweep] start {run.tag} on {slot.name} ({run.steps} steps) -> {log_path}", flush=True)
+            if queue and not running and not stop["signal"]:
+                break     # slots are free but no queued run fits in --time-limit
             if stop["signal"] and running:
                 for proc, *_ in running.values():
                     if proc.poll() is None and not getattr(proc, "told_to_stop", False):
@@ -547,9 +554,25 @@ def run_locally(runs, opts, rate_guess):
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
-    if stop["signal"]:
+    if stop["signal"] not in (None, "time limit"):
         raise KeyboardInterrupt
+    if queue or stop["signal"]:
+        print(f"[sweep] --time-limit {opts.time_limit:g}s reached: {len(queue)} run(s) not started; "
+              f"rerun the same command to continue", flush=True)
     return results
+
+
+def expected_seconds(run, opts, rate_guess):
+    """A run's wall time from the FLOP rate, plus start-up (compilation on a GPU)."""
+    return 1.2 * run.train_flops / rate_guess + (90 if opts.gpus else 10)
+
+
+def next_run_that_fits(queue, opts, rate_guess, elapsed):
+    """Pops the largest queued run that can finish inside --time-limit (any run without one)."""
+    for i, run in enumerate(queue):
+        if not opts.time_limit or elapsed + expected_seconds(run, opts, rate_guess) <= opts.time_limit:
+            return queue.pop(i)
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -738,6 +761,10 @@ def build_parser():
     p.add_argument("--baseline", metavar="DIR",
                    help="case studies: directory of the shared r=1 runs, fitted together with these "
                         "(default runs/paper for paper-trunc and paper-hc)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="for machines lent in slices: start only runs expected to finish within this "
+                        "many seconds of the sweep's start; at the limit, preempt what still runs; "
+                        "rerun the same command later to continue")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep resume checkpoints of finished runs (default: deleted once a run is ok)")
     return p

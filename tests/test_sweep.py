@@ -256,3 +256,14 @@ def test_slurm_script_has_one_task_per_pending_run(fake_env, tmp_path, tiny_data
     assert res.returncode == 0, res.stdout + res.stderr
     local = [p.read_text().splitlines()[0][2:] for p in (out / "logs").glob("*.log")]
     assert sorted(local) == sorted(commands)
+
+
+def test_time_limit_starts_only_runs_that_fit(fake_env, tmp_path, tiny_data):
+    out = str(tmp_path / "limited")
+    common = ["--preset", "tiny", "--data", tiny_data, "--out", out, "--no-fit", "--jobs", "1"]
+    # every run is expected to take >= 10 s of start-up on CPU: none fits in 5 s
+    res = sweep_sh(*common, "--time-limit", "5", env=fake_env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "6 run(s) not started" in res.stdout and "] start " not in res.stdout
+    res = sweep_sh(*common, "--time-limit", "1000", env=fake_env)
+    assert res.returncode == 0 and res.stdout.count("] start ") == 6
