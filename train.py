@@ -558,7 +558,10 @@ def train(args):
         val_loss, val_bpb, eval_used = evaluate(model, args.data, cfg, eval_tokens, device_batch,
                                                 run.rank, run.world, device, autocast, byte_lengths)
         wall = elapsed_before + time.time() - t_start
-        history.append(dict(step=steps, tokens=steps * B, train_loss=train_loss, val_loss=val_loss))
+        if history and history[-1]["step"] == steps:      # the last log line already made the entry
+            history[-1]["val_loss"] = val_loss
+        else:
+            history.append(dict(step=steps, tokens=steps * B, train_loss=train_loss, val_loss=val_loss))
         samples = greedy_samples(model, args.data, cfg, device, args.samples) if run.master and args.samples else []
         for s in samples:
             run.log(f"sample: {s!r}")

@@ -181,6 +181,8 @@ def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     assert rec["tokens"] == 40 * 512 and rec["steps"] == 40
     assert rec["val_bpb"] > 0 and rec["epochs"] > 0
     assert rec["history"][-1]["step"] == 40 and "val_loss" in rec["history"][-1]
+    steps_logged = [h["step"] for h in rec["history"]]
+    assert steps_logged == sorted(set(steps_logged))      # one entry per step
     assert set(rec["lr"]) == {"matrix", "embedding", "lm_head", "norm", "hyperconnect"}
 
 
