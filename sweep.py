@@ -72,6 +72,8 @@ PAPER_SETTINGS = dict(depth=20, n_prelude=2, n_coda=2, injection="linear", head_
 # mini: the paper's design scaled to ~1 GPU-hour on one H100 (tune after measuring). Depth 12 =
 # 2 + 8 + 2, so r = 1, 2, 4, 8 all divide the 8 recurrent layer applications. Widths bracket the
 # Chinchilla-like optimum D ~ 20 N_eff of each budget (s=4,5,6,8 at the four budgets, vocab 32768).
+# Its data is the offline corpus with site-packages (84M train tokens on the GPU machines here; on a
+# machine without rustbpe build it first with --tokenizer from a machine that has it).
 MINI_BUDGETS = {
     4.64e15: [2, 3, 4, 5],
     1e16:    [3, 4, 5, 6],
@@ -139,7 +141,7 @@ PRESETS = {
     "mini": Preset(
         "a reduced grid of the same design for ~1 GPU-hour on one H100: 4 budgets "
         "4.64e15..4.64e16, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 1024, batch 65536",
-        MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/fineweb-edu"),
+        MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/local-site"),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
         "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",
@@ -737,7 +739,7 @@ def build_parser():
                    "preset's (columns budget, size, r; optional injection, lanes, bptt_k, seed, tag and "
                    "any train.py flag); settings it does not give come from --preset")
     p.add_argument("--data", help="data directory of prepare_data.py (default: the preset's; "
-                   "data/local is built automatically if missing)")
+                   "data/local, data/demo and data/local-site are built automatically if missing)")
     p.add_argument("--out", help="output directory (default runs/<preset>)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds: every cell once per seed (default 0)")
     p.add_argument("--repeat", action="append", default=[], metavar="C:s:r",
@@ -836,7 +838,8 @@ def visible_gpus():
 
 # Embedded-corpus data dirs sweep.sh builds itself when missing: dir -> prepare_data.py flags.
 # The demo's small vocabulary leaves its tiny CPU models more of their FLOPs for the blocks.
-BUILDABLE_DATA = {"data/local": [], "data/demo": ["--vocab-size", "1024"]}
+BUILDABLE_DATA = {"data/local": [], "data/demo": ["--vocab-size", "1024"],
+                  "data/local-site": ["--include-site-packages", "--vocab-size", "32768"]}
 
 
 def ensure_data(opts):
