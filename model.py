@@ -474,15 +474,18 @@ class GPT(nn.Module):
         return h
 
     def hyperconnect_recurrence(self, e, step):
-        """K lanes start as e; each iteration reads a static mix of them, writes the output back."""
-        lanes = e.unsqueeze(0).expand(self.cfg.lanes, *e.shape)      # [K, B, T, d]
+        """K lanes start as e; each iteration reads a static mix of them, writes the output back.
+
+        The lanes are a list and the mixing is written as scalar-times-tensor sums (K is 2-4), so
+        torch.compile fuses it into the surrounding elementwise kernels; as an einsum it became a
+        batched matmul with inner dimension K, which cuBLAS runs slowly."""
+        K = self.cfg.lanes
+        lanes = [e] * K
         for i in range(self.cfg.r):
-            alpha = self.hc_alpha[i].to(e.dtype).view(-1, 1, 1, 1)
-            s = step((alpha * lanes).sum(0))
-            mix = self.hc_mix[i].to(e.dtype)
-            beta = self.hc_beta[i].to(e.dtype).view(-1, 1, 1, 1)
-            lanes = torch.einsum("kj,jbtd->kbtd", mix, lanes) + beta * s.unsqueeze(0)
-        return lanes.sum(0)
+            alpha, mix, beta = self.hc_alpha[i], self.hc_mix[i], self.hc_beta[i]
+            s = step(sum(alpha[k] * lanes[k] for k in range(K)))
+            lanes = [sum(mix[k, j] * lanes[j] for j in range(K)) + beta[k] * s for k in range(K)]
+        return sum(lanes)
 
     def hidden_states(self, idx, cache=None):
         T = idx.size(1)
