@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import prepare_data
 from model import GPT, GPTConfig, INJECTIONS, count_params, flops_per_token
 
 BASE_BATCH = 2 ** 18
@@ -383,7 +384,6 @@ def load_checkpoint(path, model, optimizers, device):
 @torch.no_grad()
 def evaluate(model, data_dir, cfg, n_tokens, device_batch, rank, world, device, autocast, byte_lengths):
     """Mean val cross-entropy (nats/token) and bits per byte over a fixed val prefix."""
-    import prepare_data
     totals = torch.zeros(3, dtype=torch.float64, device=device)   # loss sum, tokens, bytes
     for x, y in prepare_data.val_batches(data_dir, cfg.seq_len, n_tokens, device_batch, rank, world):
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
@@ -402,7 +402,6 @@ def evaluate(model, data_dir, cfg, n_tokens, device_batch, rank, world, device, 
 
 
 def greedy_samples(model, data_dir, cfg, device, n, max_new=48):
-    import prepare_data
     try:
         enc = prepare_data.load_tokenizer(data_dir)
     except Exception as err:          # a tokenizer we cannot load only costs the samples
@@ -458,13 +457,27 @@ def plan_run(args, cfg, data_meta):
     return record
 
 
+def batch_layout(args, cfg, run):
+    """-> (rows per micro-step per rank, micro-steps per optimizer step)."""
+    B, T = args.batch_tokens, cfg.seq_len
+    if B % T:
+        raise RunError(f"--batch-tokens {B} is not a multiple of --seq-len {T}")
+    rows_per_step = B // T
+    if rows_per_step % run.world:
+        raise RunError(f"{rows_per_step} rows per step do not split over {run.world} ranks")
+    device_batch = args.device_batch or default_device_batch(cfg, rows_per_step, run.world, run.device)
+    if rows_per_step % (run.world * device_batch):
+        raise RunError(f"--device-batch {device_batch} x {run.world} ranks does not divide the "
+                       f"{rows_per_step} rows of a step (--batch-tokens {B} / --seq-len {T})")
+    return device_batch, rows_per_step // (run.world * device_batch)
+
+
 def train(args):
     run = Run(args)
     meta = None
     if args.bench or args.dry_run:
         vocab = args.vocab_size or 32001
     else:
-        import prepare_data
         try:
             meta = prepare_data.load_meta(args.data)
         except prepare_data.DataError as err:
@@ -481,16 +494,7 @@ def train(args):
         return 0
     device = run.device
     B, T = args.batch_tokens, cfg.seq_len
-    if B % T:
-        raise RunError(f"--batch-tokens {B} is not a multiple of --seq-len {T}")
-    rows_per_step = B // T
-    if rows_per_step % run.world:
-        raise RunError(f"{rows_per_step} rows per step do not split over {run.world} ranks")
-    device_batch = args.device_batch or default_device_batch(cfg, rows_per_step, run.world, device)
-    if rows_per_step % (run.world * device_batch):
-        raise RunError(f"--device-batch {device_batch} x {run.world} ranks does not divide the "
-                       f"{rows_per_step} rows of a step (--batch-tokens {B} / --seq-len {T})")
-    n_micro = rows_per_step // (run.world * device_batch)
+    device_batch, n_micro = batch_layout(args, cfg, run)
     steps = plan["steps"]
     data_name = os.path.basename(os.path.normpath(args.data)) if not args.bench else "random"
     tag = args.tag or default_tag(args, cfg, data_name)
