@@ -80,6 +80,7 @@ MINI_BUDGETS = {
     2.15e16: [3, 4, 6, 8],
     4.64e16: [4, 6, 8, 10],
 }
+MINI_LOWER = {c: w for c, w in MINI_BUDGETS.items() if c <= 2.15e16}     # mini's case studies
 MINI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_dim=64,
                      seq_len=1024, batch_tokens=65536)
 
@@ -142,6 +143,19 @@ PRESETS = {
         "a reduced grid of the same design for ~1 GPU-hour on one H100: 4 budgets "
         "4.64e15..4.64e16, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 1024, batch 65536",
         MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/local-site"),
+    "mini-trunc": Preset(
+        "truncated backprop at mini scale: r = 2, 4, 8 with k = ceil(r/2), mini's three lower "
+        "budgets, one wider width per budget (r=1 shared with mini)",
+        MINI_LOWER, (2, 4, 8), MINI_SETTINGS, data="data/local-site",
+        extra_widths={4.64e15: [6], 1e16: [8], 2.15e16: [10]},
+        bptt_k=lambda r: math.ceil(r / 2), share_r1_from="mini",
+        fit_args=("--by", "bptt_k", "--max-budget", "2.15e16")),
+    "mini-hc": Preset(
+        "hyperconnections at mini scale: --injection hyperconnect --lanes 2, r = 2, 4, 8, mini's "
+        "three lower budgets, plus s=10 at 2.15e16 (r=1 shared with mini)",
+        MINI_LOWER, (2, 4, 8), dict(MINI_SETTINGS, injection="hyperconnect", lanes=2),
+        data="data/local-site", extra_widths={2.15e16: [10]}, share_r1_from="mini",
+        fit_args=("--by", "injection", "--max-budget", "2.15e16")),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
         "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",

@@ -86,6 +86,24 @@ def test_case_study_grids(tmp_path):
     assert {row["inj"] for row in hc} == {"hyperconnect"}
 
 
+def test_mini_case_study_grids(tmp_path):
+    trunc, _ = dry_run("mini-trunc", tmp_path)
+    hc, _ = dry_run("mini-hc", tmp_path)
+    mini = {4.64e15: [2, 3, 4, 5], 1e16: [3, 4, 5, 6], 2.15e16: [3, 4, 6, 8]}   # mini's lower three
+    extra_trunc = {4.64e15: [6], 1e16: [8], 2.15e16: [10]}
+    extra_hc = {4.64e15: [], 1e16: [], 2.15e16: [10]}
+    assert len(trunc) == 3 * 15 and len(hc) == 3 * 13
+    for rows, extra in ((trunc, extra_trunc), (hc, extra_hc)):
+        for r in (2, 4, 8):
+            got = {}
+            for row in rows:
+                if int(row["r"]) == r:
+                    got.setdefault(float(row["budget"]), []).append(int(row["s"]))
+            assert got == {c: mini[c] + extra[c] for c in mini}
+    assert {(row["r"], row["k"]) for row in trunc} == {("2", "1"), ("4", "2"), ("8", "4")}
+    assert {row["inj"] for row in hc} == {"hyperconnect"}
+
+
 def test_plan_matches_train_py_dry_run():
     """steps, tokens and the parameter split must be what train.py itself will use."""
     opts = sweep.parse_args(["--preset", "paper-trunc", "--gpus", "1"])
