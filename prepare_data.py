@@ -861,6 +861,9 @@ def parse_args(argv):
                              "data/fineweb or data/<name of PATH>, beside this script)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the data is ready "
                         "(downloaded shards that verify are kept)")
+    parser.add_argument("--expect-checksum", metavar="SHA256_OR_META",
+                        help="fail unless the data's overall checksum equals this (a hex digest or a "
+                             "meta.json to take it from): the same corpus rebuilt on another machine")
     local = parser.add_argument_group("local and PATH sources")
     local.add_argument("--include-site-packages", action="store_true",
                        help="also read the sources of installed packages (local source)")
@@ -1015,12 +1018,26 @@ def prepare(args, command):
     return out_dir
 
 
+def check_checksum(out_dir, expected):
+    """The rebuilt corpus must be byte-identical to the reference one (same shards, same order)."""
+    if os.path.isfile(expected):
+        with open(expected) as f:
+            expected = json.load(f).get("checksum", "")
+    got = load_meta(out_dir)["checksum"]
+    if got != expected:
+        raise DataError(f"{out_dir}: checksum {got[:16]}... differs from the expected {expected[:16]}...: "
+                        f"this machine's corpus is not the reference one")
+    log(f"checksum matches the reference corpus ({got[:16]}...)")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     command = shlex.join(["python", "prepare_data.py", *argv])
     try:
-        prepare(args, command)
+        out_dir = prepare(args, command)
+        if args.expect_checksum:
+            check_checksum(out_dir, args.expect_checksum)
     except DataError as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -337,6 +337,16 @@ def test_reusing_a_tokenizer_gives_identical_shards(local_dir, tmp_path):
     assert pd.load_meta(out)["checksum"] == pd.load_meta(local_dir)["checksum"]
 
 
+def test_expect_checksum_accepts_the_same_corpus_and_refuses_another(local_dir, tmp_path, capsys):
+    args = ["--limit-files", "40", "--tokenizer", local_dir, "--val-fraction", "0.3", "--shard-tokens",
+            "20000", "--out", tmp_path / "same", "--expect-checksum", local_dir / "meta.json"]
+    assert pd.main(list(map(str, args))) == 0
+    other = ["--limit-files", "39", "--tokenizer", local_dir, "--val-fraction", "0.3", "--shard-tokens",
+             "20000", "--out", tmp_path / "other", "--expect-checksum", pd.load_meta(local_dir)["checksum"]]
+    assert pd.main(list(map(str, other))) == 2
+    assert "not the reference one" in capsys.readouterr().err
+
+
 def test_user_text_directory(tmp_path):
     src = tmp_path / "notes"
     for i in range(12):
