@@ -121,47 +121,45 @@ class Preset:
     share_r1_from: str | None = None      # r=1 runs are not rerun: fit them from this preset's dir
 
 
+def case_studies(base, budgets, settings, data, trunc_extra, hc_extra):
+    """The two case-study grids of SPEC.md section 6 on top of a base preset: truncated backprop
+    (k = ceil(r/2)) and hyperconnections (K = 2), r = 2, 4, 8, with the base's r=1 runs shared."""
+    short = lambda c: f"{c:g}".replace("e+", "e")
+    top = short(max(budgets))
+    widths = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, ws in extra.items() for w in ws)
+    return {
+        f"{base}-trunc": Preset(
+            f"truncated backprop case study on {base}'s budgets up to {top}: r = 2, 4, 8 with "
+            f"k = ceil(r/2), plus {widths(trunc_extra)} (r=1 shared with {base})",
+            budgets, (2, 4, 8), settings, data=data, extra_widths=trunc_extra,
+            bptt_k=lambda r: math.ceil(r / 2), share_r1_from=base,
+            fit_args=("--by", "bptt_k", "--max-budget", top)),
+        f"{base}-hc": Preset(
+            f"hyperconnection case study on {base}'s budgets up to {top}: --injection hyperconnect "
+            f"--lanes 2, r = 2, 4, 8, plus {widths(hc_extra)} (r=1 shared with {base})",
+            budgets, (2, 4, 8), dict(settings, injection="hyperconnect", lanes=2), data=data,
+            extra_widths=hc_extra, share_r1_from=base, fit_args=("--by", "injection", "--max-budget", top)),
+    }
+
+
 PRESETS = {
     "paper": Preset(
         "the paper's 116-run iso-depth grid: 6 budgets 4.64e17..2.15e19, r = 1, 2, 4, 8, "
         "depth 20 (2-16/r-2), T 2048, batch 2^18",
         PAPER_BUDGETS, (1, 2, 4, 8), PAPER_SETTINGS, data="data/fineweb-edu"),
-    "paper-trunc": Preset(
-        "truncated backprop case study: r = 2, 4, 8 with k = ceil(r/2), the four lower budgets, "
-        "one wider width per budget from 1e18 on (r=1 shared with paper)",
-        PAPER_LOWER, (2, 4, 8), PAPER_SETTINGS, data="data/fineweb-edu",
-        extra_widths={1e18: [16], 2.15e18: [18], 4.64e18: [22]},
-        bptt_k=lambda r: math.ceil(r / 2), share_r1_from="paper",
-        fit_args=("--by", "bptt_k", "--max-budget", "4.64e18")),
-    "paper-hc": Preset(
-        "hyperconnection case study: --injection hyperconnect --lanes 2, r = 2, 4, 8, the four "
-        "lower budgets, plus s=18 at 2.15e18 (r=1 shared with paper)",
-        PAPER_LOWER, (2, 4, 8), dict(PAPER_SETTINGS, injection="hyperconnect", lanes=2),
-        data="data/fineweb-edu", extra_widths={2.15e18: [18]}, share_r1_from="paper",
-        fit_args=("--by", "injection", "--max-budget", "4.64e18")),
+    **case_studies("paper", PAPER_LOWER, PAPER_SETTINGS, "data/fineweb-edu",
+                   trunc_extra={1e18: [16], 2.15e18: [18], 4.64e18: [22]}, hc_extra={2.15e18: [18]}),
     "mini": Preset(
         "a reduced grid of the same design for ~1 GPU-hour on one H100: 4 budgets "
         "4.64e15..4.64e16, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 1024, batch 65536",
         MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/local-site"),
-    "mini-trunc": Preset(
-        "truncated backprop at mini scale: r = 2, 4, 8 with k = ceil(r/2), mini's three lower "
-        "budgets, one wider width per budget (r=1 shared with mini)",
-        MINI_LOWER, (2, 4, 8), MINI_SETTINGS, data="data/local-site",
-        extra_widths={4.64e15: [6], 1e16: [8], 2.15e16: [10]},
-        bptt_k=lambda r: math.ceil(r / 2), share_r1_from="mini",
-        fit_args=("--by", "bptt_k", "--max-budget", "2.15e16")),
-    "mini-hc": Preset(
-        "hyperconnections at mini scale: --injection hyperconnect --lanes 2, r = 2, 4, 8, mini's "
-        "three lower budgets, plus s=10 at 2.15e16 (r=1 shared with mini)",
-        MINI_LOWER, (2, 4, 8), dict(MINI_SETTINGS, injection="hyperconnect", lanes=2),
-        data="data/local-site", extra_widths={2.15e16: [10]}, share_r1_from="mini",
-        fit_args=("--by", "injection", "--max-budget", "2.15e16")),
+    **case_studies("mini", MINI_LOWER, MINI_SETTINGS, "data/local-site",
+                   trunc_extra={4.64e15: [6], 1e16: [8], 2.15e16: [10]}, hc_extra={2.15e16: [10]}),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
         "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",
         DEMO_BUDGETS, (1, 2, 4), DEMO_SETTINGS, data="data/demo", vocab_size=1024, checkpoints=2,
-        cpu=True,
-        jobs=2, fit_args=("--restarts", "200", "--bootstrap", "100")),
+        cpu=True, jobs=2, fit_args=("--restarts", "200", "--bootstrap", "100")),
     "tiny": Preset(
         "six runs of a few steps (3 budgets x r = 1, 2, s = 1) for the tests",
         TINY_BUDGETS, (1, 2), TINY_SETTINGS, vocab_size=300, checkpoints=2, cpu=True, jobs=2,

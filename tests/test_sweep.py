@@ -67,13 +67,11 @@ def test_paper_dry_run_lists_the_116_runs(tmp_path):
     assert "GPU-hours" in total
 
 
-def test_case_study_grids(tmp_path):
-    trunc, _ = dry_run("paper-trunc", tmp_path)
-    hc, _ = dry_run("paper-hc", tmp_path)
-    # trunc: 3 r x (4 + 6 + 6 + 7) = 69; hc: 3 r x (4 + 5 + 6 + 6) = 63
-    assert len(trunc) == 69 and len(hc) == 63
-    extra_trunc = {4.64e17: [], 1e18: [16], 2.15e18: [18], 4.64e18: [22]}
-    extra_hc = {4.64e17: [], 1e18: [], 2.15e18: [18], 4.64e18: []}
+def check_case_studies(base, tmp_path, base_widths, extra_trunc, extra_hc):
+    """Both case-study grids: r = 2, 4, 8 on the base widths plus the extras, k = ceil(r/2) or
+    hyperconnect. Returns the run counts."""
+    trunc, _ = dry_run(f"{base}-trunc", tmp_path)
+    hc, _ = dry_run(f"{base}-hc", tmp_path)
     for rows, extra in ((trunc, extra_trunc), (hc, extra_hc)):
         assert {int(row["r"]) for row in rows} == {2, 4, 8}
         for r in (2, 4, 8):
@@ -81,27 +79,25 @@ def test_case_study_grids(tmp_path):
             for row in rows:
                 if int(row["r"]) == r:
                     got.setdefault(float(row["budget"]), []).append(int(row["s"]))
-            assert got == {c: PAPER[c] + extra[c] for c in LOWER}
+            assert got == {c: base_widths[c] + extra.get(c, []) for c in base_widths}
     assert {(row["r"], row["k"]) for row in trunc} == {("2", "1"), ("4", "2"), ("8", "4")}
     assert {row["inj"] for row in hc} == {"hyperconnect"}
+    return len(trunc), len(hc)
+
+
+def test_case_study_grids(tmp_path):
+    counts = check_case_studies("paper", tmp_path, {c: PAPER[c] for c in LOWER},
+                                extra_trunc={1e18: [16], 2.15e18: [18], 4.64e18: [22]},
+                                extra_hc={2.15e18: [18]})
+    assert counts == (69, 63)    # trunc: 3 r x (4 + 6 + 6 + 7); hc: 3 r x (4 + 5 + 6 + 6)
 
 
 def test_mini_case_study_grids(tmp_path):
-    trunc, _ = dry_run("mini-trunc", tmp_path)
-    hc, _ = dry_run("mini-hc", tmp_path)
-    mini = {4.64e15: [2, 3, 4, 5], 1e16: [3, 4, 5, 6], 2.15e16: [3, 4, 6, 8]}   # mini's lower three
-    extra_trunc = {4.64e15: [6], 1e16: [8], 2.15e16: [10]}
-    extra_hc = {4.64e15: [], 1e16: [], 2.15e16: [10]}
-    assert len(trunc) == 3 * 15 and len(hc) == 3 * 13
-    for rows, extra in ((trunc, extra_trunc), (hc, extra_hc)):
-        for r in (2, 4, 8):
-            got = {}
-            for row in rows:
-                if int(row["r"]) == r:
-                    got.setdefault(float(row["budget"]), []).append(int(row["s"]))
-            assert got == {c: mini[c] + extra[c] for c in mini}
-    assert {(row["r"], row["k"]) for row in trunc} == {("2", "1"), ("4", "2"), ("8", "4")}
-    assert {row["inj"] for row in hc} == {"hyperconnect"}
+    mini_lower = {4.64e15: [2, 3, 4, 5], 1e16: [3, 4, 5, 6], 2.15e16: [3, 4, 6, 8]}
+    counts = check_case_studies("mini", tmp_path, mini_lower,
+                                extra_trunc={4.64e15: [6], 1e16: [8], 2.15e16: [10]},
+                                extra_hc={2.15e16: [10]})
+    assert counts == (45, 39)    # trunc: 3 r x 3 x 5; hc: 3 r x (4 + 4 + 5)
 
 
 def test_plan_matches_train_py_dry_run():
