@@ -527,19 +527,14 @@ class GPT(nn.Module):
     @torch.compiler.disable  # its chunk loop runs eagerly around one compiled kernel per chunk
     def loss(self, h, targets, reduction="mean"):
         flat_h, flat_t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-        if reduction == "none":
-            with torch.no_grad():
-                losses, _, _ = chunked_lm_head_ce(flat_h, self.lm_head.weight, flat_t,
-                                                  self.cfg.vocab_size, self.cfg.softcap, False)
-            return losses.view_as(targets)
-        if not (torch.is_grad_enabled() and (flat_h.requires_grad or self.lm_head.weight.requires_grad)):
-            losses, _, _ = chunked_lm_head_ce(flat_h, self.lm_head.weight, flat_t,
-                                              self.cfg.vocab_size, self.cfg.softcap, False)
-            total = losses.sum()
-        else:
-            total = FusedSoftcapCE.apply(flat_h, self.lm_head.weight, flat_t,
-                                         self.cfg.vocab_size, self.cfg.softcap)
-        return total / (flat_t >= 0).sum().clamp(min=1)
+        head, n_valid = self.lm_head.weight, (flat_t >= 0).sum().clamp(min=1)
+        if reduction == "mean" and torch.is_grad_enabled() and (flat_h.requires_grad or head.requires_grad):
+            total = FusedSoftcapCE.apply(flat_h, head, flat_t, self.cfg.vocab_size, self.cfg.softcap)
+            return total / n_valid
+        with torch.no_grad():
+            losses, _, _ = chunked_lm_head_ce(flat_h, head, flat_t, self.cfg.vocab_size,
+                                              self.cfg.softcap, False)
+        return losses.view_as(targets) if reduction == "none" else losses.sum() / n_valid
 
     # ---- generation
 

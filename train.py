@@ -344,6 +344,11 @@ def checkpoint_dir(args, tag):
     return os.path.join(args.out, tag)
 
 
+def checkpoint_files(folder):
+    """Checkpoint names in folder, oldest first (the step is zero-padded in the name)."""
+    return sorted(f for f in os.listdir(folder) if f.startswith("ckpt_") and f.endswith(".pt"))
+
+
 def save_checkpoint(args, tag, step, model, optimizers, history, elapsed):
     folder = checkpoint_dir(args, tag)
     os.makedirs(folder, exist_ok=True)
@@ -354,7 +359,7 @@ def save_checkpoint(args, tag, step, model, optimizers, history, elapsed):
     path = os.path.join(folder, f"ckpt_{step:07d}.pt")
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
-    for old in sorted(f for f in os.listdir(folder) if f.startswith("ckpt_") and f.endswith(".pt"))[:-args.keep_checkpoints]:
+    for old in checkpoint_files(folder)[:-args.keep_checkpoints]:
         os.remove(os.path.join(folder, old))
     return path
 
@@ -363,7 +368,7 @@ def newest_checkpoint(args, tag):
     folder = checkpoint_dir(args, tag)
     if not os.path.isdir(folder):
         return None
-    names = sorted(f for f in os.listdir(folder) if f.startswith("ckpt_") and f.endswith(".pt"))
+    names = checkpoint_files(folder)
     return os.path.join(folder, names[-1]) if names else None
 
 
@@ -427,7 +432,6 @@ class Run:
     """This process's place in the job (rank, world size, device) and whether it was asked to stop."""
 
     def __init__(self, args):
-        self.args = args
         self.rank, self.local_rank, self.world, self.device = setup_distributed(args)
         self.master = self.rank == 0
         self.stop_requested = False
@@ -551,21 +555,18 @@ def train(args):
         if run.master:
             write_json(json_path, record)
 
+    def evaluate_val():
+        return evaluate(model, args.data, cfg, eval_tokens, device_batch, run.rank, run.world, device,
+                        autocast, byte_lengths)
+
     t_start = time.time()
-    step = start_step
     try:
-        step, train_loss, tok_per_s = training_loop(
+        train_loss, tok_per_s = training_loop(
             run, args, cfg, fwd_model, model, optimizers, loader, autocast, steps, start_step,
-            n_micro, history, peak, elapsed_before, tag, eval_fn=lambda: evaluate(
-                model, args.data, cfg, eval_tokens, device_batch, run.rank, run.world, device,
-                autocast, byte_lengths))
-        val_loss, val_bpb, eval_used = evaluate(model, args.data, cfg, eval_tokens, device_batch,
-                                                run.rank, run.world, device, autocast, byte_lengths)
+            n_micro, history, peak, elapsed_before, tag, eval_fn=evaluate_val)
+        val_loss, val_bpb, eval_used = evaluate_val()
         wall = elapsed_before + time.time() - t_start
-        if history and history[-1]["step"] == steps:      # the last log line already made the entry
-            history[-1]["val_loss"] = val_loss
-        else:
-            history.append(dict(step=steps, tokens=steps * B, train_loss=train_loss, val_loss=val_loss))
+        record_val_loss(history, steps, steps * B, val_loss)   # the last log line made the entry
         samples = greedy_samples(model, args.data, cfg, device, args.samples) if run.master and args.samples else []
         for s in samples:
             run.log(f"sample: {s!r}")
@@ -619,13 +620,8 @@ def training_loop(run, args, cfg, fwd_model, model, optimizers, loader, autocast
             x, y = loader.batch(step, micro)
             x = torch.from_numpy(x).to(device, non_blocking=True)
             y = torch.from_numpy(y).to(device, non_blocking=True)
-            sync = nullcontext() if (run.world == 1 or micro == n_micro - 1) else fwd_model.no_sync()
-            with sync, autocast:
-                loss = fwd_model(x, y) / n_micro
-            if args.debug_nan_at == step:
-                loss = loss * float("nan")
-            loss.backward()
-            loss_sum += loss.detach()
+            loss_sum += micro_step(run, fwd_model, autocast, x, y, micro, n_micro,
+                                   poison=args.debug_nan_at == step)
         for opt in optimizers:
             opt.step()
         for opt in optimizers:
@@ -652,16 +648,34 @@ def training_loop(run, args, cfg, fwd_model, model, optimizers, loader, autocast
             t_window, steps_in_window = time.time(), 0
         if args.eval_every and (step + 1) % args.eval_every == 0 and not last:
             val_loss, _, _ = eval_fn()
-            if history and history[-1]["step"] == step + 1:
-                history[-1]["val_loss"] = val_loss
-            else:
-                history.append(dict(step=step + 1, tokens=(step + 1) * B, val_loss=val_loss))
+            record_val_loss(history, step + 1, (step + 1) * B, val_loss)
             run.log(f"step {step + 1:>6} val_loss {val_loss:.4f}")
         if args.save_every and (step + 1) % args.save_every == 0 and not last and run.master:
             save_checkpoint(args, tag, step + 1, model, optimizers, history, elapsed_before + time.time() - t0)
         if stop_agreed(run) and not last:
             raise Preempted(step + 1)
-    return steps, train_loss, tok_per_s
+    return train_loss, tok_per_s
+
+
+def micro_step(run, fwd_model, autocast, x, y, micro, n_micro, poison=False):
+    """Forward and backward of one micro-batch (its loss scaled by 1/n_micro, returned detached);
+    DDP all-reduces the gradients only on the last micro-batch of a step."""
+    sync = nullcontext() if (run.world == 1 or micro == n_micro - 1) else fwd_model.no_sync()
+    with sync:
+        with autocast:
+            loss = fwd_model(x, y) / n_micro
+        if poison:                   # --debug-nan-at: the tests' divergence
+            loss = loss * float("nan")
+        loss.backward()
+    return loss.detach()
+
+
+def record_val_loss(history, step, tokens, val_loss):
+    """Joins a validation loss to the history entry of its step, or starts one."""
+    if history and history[-1]["step"] == step:
+        history[-1]["val_loss"] = val_loss
+    else:
+        history.append(dict(step=step, tokens=tokens, val_loss=val_loss))
 
 
 def stop_agreed(run):
@@ -687,10 +701,7 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
         t = time.time()
         for micro in range(n_micro):
             xy = batches[micro % 2].to(device, non_blocking=True)
-            sync = nullcontext() if (run.world == 1 or micro == n_micro - 1) else fwd_model.no_sync()
-            with sync, autocast:
-                loss = fwd_model(xy[:, :-1], xy[:, 1:]) / n_micro
-            loss.backward()
+            loss = micro_step(run, fwd_model, autocast, xy[:, :-1], xy[:, 1:], micro, n_micro)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
