@@ -621,7 +621,7 @@ def write_slurm(runs, opts):
         *[f"#SBATCH {o}" for o in opts.slurm_opts],
         "set -euo pipefail",
         f"cd {shlex.quote(os.getcwd())}",
-        f"line=$((SLURM_ARRAY_TASK_ID + 1))",
+        "line=$((SLURM_ARRAY_TASK_ID + 1))",
         f"cmd=$(sed -n \"${{line}}p\" {shlex.quote(os.path.abspath(commands))})",
         f"tag=$(sed -n \"${{line}}p\" {shlex.quote(os.path.abspath(tags))})",
         f"echo \"# $cmd\" >> {shlex.quote(opts.out)}/logs/\"$tag\".log",

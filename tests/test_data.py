@@ -1,9 +1,7 @@
 """Tests for prepare_data.py: tokenizer, shards, loader, local source and downloader (CPU, offline, fast)."""
 
-import hashlib
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -450,7 +448,7 @@ class QuietServer(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def server():
-    ShardServer.files = {f"finewebedu_val_000000.bin": fake_shard_bytes(30000, 1),
+    ShardServer.files = {"finewebedu_val_000000.bin": fake_shard_bytes(30000, 1),
                          "finewebedu_train_000001.bin": fake_shard_bytes(300000, 2),
                          "finewebedu_train_000002.bin": fake_shard_bytes(40000, 3)}
     ShardServer.requests, ShardServer.dropped = [], set()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train
-from model import GPT, GPTConfig, count_params
+from model import GPTConfig, count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
