@@ -401,7 +401,7 @@ def train_command(run, opts):
     cmd = train_prefix(opts.gpus_per_run)
     # --recurrences is --r; the long spelling survives torchrun's abbreviation matching
     cmd += ["--size", str(run.size), "--recurrences", str(run.r), "--injection", run.injection,
-            "--target-flops", format_budget(run.budget), "--seed", str(run.seed)]
+            "--target-flops", repr(run.budget), "--seed", str(run.seed)]   # exact: as planned
     if run.injection == "hyperconnect":
         cmd += ["--lanes", str(run.lanes)]
     if run.bptt_k is not None and run.r > 1:

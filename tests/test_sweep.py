@@ -281,3 +281,14 @@ def test_time_limit_starts_only_runs_that_fit(fake_env, tmp_path, tiny_data):
     assert "6 run(s) not started" in res.stdout and "] start " not in res.stdout
     res = sweep_sh(*common, "--time-limit", "1000", env=fake_env)
     assert res.returncode == 0 and res.stdout.count("] start ") == 6
+
+
+def test_command_passes_the_planned_budget_exactly(tmp_path):
+    """A grid budget with more digits than the tag shows must reach train.py unrounded."""
+    grid = tmp_path / "grid.csv"
+    grid.write_text("budget,size,r\n1.23456789e12,1,2\n")
+    opts = sweep.parse_args(["--preset", "demo", "--grid", str(grid)])
+    run = sweep.plan(sweep.cells_to_runs(sweep.read_grid_file(str(grid)), opts.preset), 1024)[0]
+    cmd = sweep.train_command(run, opts)
+    assert float(cmd[cmd.index("--target-flops") + 1]) == 1.23456789e12
+    assert run.tag.startswith("C1.23e12_")
