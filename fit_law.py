@@ -1044,6 +1044,9 @@ example:
                    help="also report the compute-optimal allocation at C FLOPs (repeatable)")
     p.add_argument("--max-budget", type=parse_budget, metavar="C",
                    help="use only runs with budget <= C (e.g. the case studies' four lower budgets)")
+    p.add_argument("--min-budget", type=parse_budget, metavar="C",
+                   help="use only runs with budget >= C (with --max-budget: a stability check on "
+                        "the upper or lower budgets)")
     p.add_argument("--equiv", type=parse_equiv, action="append", default=[], metavar="R:D_MODEL",
                    help="equivalence report for a model of width D_MODEL at r = R (repeatable)")
     p.add_argument("--allow-mixed", action="store_true", help="fit runs even if they differ in data "
@@ -1054,14 +1057,25 @@ example:
     return p
 
 
+def select_budgets(points, low, high):
+    """The runs with low <= budget <= high (either bound may be None)."""
+    if low is None and high is None:
+        return points
+    if not points.has_budget:
+        raise InputError("--min-budget/--max-budget need a budget for every run (target_flops or C)")
+    keep = np.ones(len(points), dtype=bool)
+    if low is not None:
+        keep &= points.C >= low * (1 - 1e-9)
+    if high is not None:
+        keep &= points.C <= high * (1 + 1e-9)
+    return points.subset(np.flatnonzero(keep))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         points = load_points(args.paths, args.allow_mixed)
-        if args.max_budget is not None:
-            if not points.has_budget:
-                raise InputError("--max-budget needs a budget for every run (target_flops or C)")
-            points = points.subset(np.flatnonzero(points.C <= args.max_budget * (1 + 1e-9)))
+        points = select_budgets(points, args.min_budget, args.max_budget)
         if len(points) < 5:
             raise InputError(f"{len(points)} runs cannot determine the law's 5-6 parameters")
         res = analyse(points, args)

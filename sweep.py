@@ -41,7 +41,6 @@ FIT_LAW_PY = os.path.join(HERE, "fit_law.py")
 PREPARE_DATA_PY = os.path.join(HERE, "prepare_data.py")
 
 H100_PEAK = 989e12          # dense bf16 FLOP/s, the MFU denominator of SPEC.md section 7
-ASSUMED_MFU = 0.40
 # Achieved training FLOP/s of one demo-sized run on one CPU thread (incl. startup and eval): 1.2e10
 # (s=1) to 2.7e10 (s=3) measured on the 2-core dev box, two runs at once, with other load; used
 # only for estimates until runs in --out have finished (then their measured median is used).
@@ -69,20 +68,23 @@ PAPER_LOWER = {c: w for c, w in PAPER_BUDGETS.items() if c <= 4.64e18}   # the c
 PAPER_SETTINGS = dict(depth=20, n_prelude=2, n_coda=2, injection="linear", head_dim=128,
                       seq_len=2048, batch_tokens=2 ** 18)
 
-# mini: the paper's design scaled to ~1 GPU-hour on one H100 (tune after measuring). Depth 12 =
-# 2 + 8 + 2, so r = 1, 2, 4, 8 all divide the 8 recurrent layer applications. Widths bracket the
-# Chinchilla-like optimum D ~ 20 N_eff of each budget (s=4,5,6,8 at the four budgets, vocab 32768).
-# Its data is the offline corpus with site-packages (84M train tokens on the GPU machines here; on a
-# machine without rustbpe build it first with --tokenizer from a machine that has it).
+# mini: the paper's design scaled down ~5,000x to fit the ~100M-token offline corpus (stdlib +
+# site-packages) and tens of GPU-minutes. Depth 12 = 2 + 8 + 2, so r = 1, 2, 4, 8 all divide the 8
+# recurrent layer applications. Vocab 8192 and T 512 keep the LM head and attention near the
+# paper's share of FLOPs/token at these widths (d = 64..384; with vocab 32768 and T 1024 they took
+# 40-60%). Widths bracket each budget's optimum (~15-30 tokens per parameter). The largest runs see
+# ~1.5 epochs of the corpus; the run JSONs record `epochs`. Small widths run at 4-17% MFU on an
+# H100 (GPU-bound: scripts/profile_step.py), so the grid takes ~25 GPU-minutes, not ~5.
 MINI_BUDGETS = {
+    4.64e14: [1, 2, 3],
+    1e15:    [1, 2, 3],
+    2.15e15: [1, 2, 3, 4],
     4.64e15: [2, 3, 4, 5],
-    1e16:    [3, 4, 5, 6],
-    2.15e16: [3, 4, 6, 8],
-    4.64e16: [4, 6, 8, 10],
 }
-MINI_LOWER = {c: w for c, w in MINI_BUDGETS.items() if c <= 2.15e16}     # mini's case studies
+MINI_LOWER = {c: w for c, w in MINI_BUDGETS.items() if c <= 2.15e15}     # mini's case studies
 MINI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_dim=64,
-                     seq_len=1024, batch_tokens=65536)
+                     seq_len=512, batch_tokens=65536, samples=0)
+MINI_REPEATS = [(2.15e15, 2, 1), (2.15e15, 2, 4), (4.64e15, 3, 2)]   # x seeds 1, 2: seed noise
 
 # demo: a CPU grid on the embedded stdlib corpus (data/demo: vocab 1024), < 10 min on 2 cores
 # incl. the fit. Depth 6 = 1 + 4 + 1: r = 1, 2, 4. Widths s -> d_model = 64 s (head_dim 32).
@@ -114,6 +116,8 @@ class Preset:
     bptt_k: object = None                 # None (full backprop) or a function r -> k
     repeats: list = field(default_factory=list)        # (C, s, r) cells rerun with repeat_seeds
     repeat_seeds: tuple = (1, 2)
+    runs_per_gpu: int = 1                 # small models leave a GPU idle: pack several per GPU
+    assumed_mfu: float = 0.40             # for estimates until runs have finished (small widths: less)
     checkpoints: int = 10                 # --save-every = steps // checkpoints (0: none)
     cpu: bool = False                     # planned for CPU: estimates in CPU-minutes
     jobs: int = 1                         # runs at once on CPU (threads are split between them)
@@ -121,9 +125,10 @@ class Preset:
     share_r1_from: str | None = None      # r=1 runs are not rerun: fit them from this preset's dir
 
 
-def case_studies(base, budgets, settings, data, trunc_extra, hc_extra):
+def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, **common):
     """The two case-study grids of SPEC.md section 6 on top of a base preset: truncated backprop
-    (k = ceil(r/2)) and hyperconnections (K = 2), r = 2, 4, 8, with the base's r=1 runs shared."""
+    (k = ceil(r/2)) and hyperconnections (K = 2), r = 2, 4, 8, with the base's r=1 runs shared.
+    `common`: further Preset fields of both (vocab_size, runs_per_gpu)."""
     short = lambda c: f"{c:g}".replace("e+", "e")
     top = short(max(budgets))
     widths = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, ws in extra.items() for w in ws)
@@ -133,12 +138,13 @@ def case_studies(base, budgets, settings, data, trunc_extra, hc_extra):
             f"k = ceil(r/2), plus {widths(trunc_extra)} (r=1 shared with {base})",
             budgets, (2, 4, 8), settings, data=data, extra_widths=trunc_extra,
             bptt_k=lambda r: math.ceil(r / 2), share_r1_from=base,
-            fit_args=("--by", "bptt_k", "--max-budget", top)),
+            fit_args=("--by", "bptt_k", "--max-budget", top), **common),
         f"{base}-hc": Preset(
             f"hyperconnection case study on {base}'s budgets up to {top}: --injection hyperconnect "
             f"--lanes 2, r = 2, 4, 8, plus {widths(hc_extra)} (r=1 shared with {base})",
             budgets, (2, 4, 8), dict(settings, injection="hyperconnect", lanes=2), data=data,
-            extra_widths=hc_extra, share_r1_from=base, fit_args=("--by", "injection", "--max-budget", top)),
+            extra_widths=hc_extra, share_r1_from=base, fit_args=("--by", "injection", "--max-budget", top),
+            **common),
     }
 
 
@@ -150,11 +156,14 @@ PRESETS = {
     **case_studies("paper", PAPER_LOWER, PAPER_SETTINGS, "data/fineweb-edu",
                    trunc_extra={1e18: [16], 2.15e18: [18], 4.64e18: [22]}, hc_extra={2.15e18: [18]}),
     "mini": Preset(
-        "a reduced grid of the same design for ~1 GPU-hour on one H100: 4 budgets "
-        "4.64e15..4.64e16, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 1024, batch 65536",
-        MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/local-site"),
+        "the paper's design at ~1/5000 of its compute on the offline corpus: 4 budgets "
+        "4.64e14..4.64e15, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 512, B 65536, vocab 8192, 3 cells x 2 "
+        "extra seeds; 4 runs share each GPU",
+        MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/local-site", vocab_size=8192,
+        repeats=MINI_REPEATS, runs_per_gpu=4, assumed_mfu=0.12),
     **case_studies("mini", MINI_LOWER, MINI_SETTINGS, "data/local-site",
-                   trunc_extra={4.64e15: [6], 1e16: [8], 2.15e16: [10]}, hc_extra={2.15e16: [10]}),
+                   trunc_extra={4.64e14: [4], 1e15: [4], 2.15e15: [5]}, hc_extra={2.15e15: [5]},
+                   vocab_size=8192, runs_per_gpu=4, assumed_mfu=0.12),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
         "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",
@@ -362,7 +371,7 @@ def measured_flops_rate(out):
     return sorted(rates)[len(rates) // 2] if rates else None
 
 
-def throughput(preset, out, threads_per_job):
+def throughput(preset, out, threads_per_job, runs_per_gpu=1):
     """-> (FLOP/s per run slot device, description)."""
     measured = measured_flops_rate(out)
     if measured:
@@ -370,7 +379,9 @@ def throughput(preset, out, threads_per_job):
     if preset.cpu:
         rate = ASSUMED_CPU_FLOPS_PER_THREAD * threads_per_job ** 0.7
         return rate, f"estimated {rate / 1e9:.0f} GFLOP/s per run on {threads_per_job} CPU thread(s)"
-    return ASSUMED_MFU * H100_PEAK, f"estimated at {ASSUMED_MFU:.0%} MFU of {H100_PEAK / 1e12:.0f} TFLOP/s (H100 bf16)"
+    shared = f", shared by {runs_per_gpu} runs" if runs_per_gpu > 1 else ""
+    return (preset.assumed_mfu * H100_PEAK / runs_per_gpu,
+            f"estimated at {preset.assumed_mfu:.0%} MFU of {H100_PEAK / 1e12:.0f} TFLOP/s (H100 bf16){shared}")
 
 
 # -----------------------------------------------------------------------------
@@ -429,8 +440,10 @@ class Slot:
 def make_slots(opts):
     if opts.gpus > 0:
         n = opts.gpus // opts.gpus_per_run
-        return [Slot(f"GPU {','.join(map(str, ids))}", {"CUDA_VISIBLE_DEVICES": ",".join(map(str, ids))})
-                for ids in (range(i * opts.gpus_per_run, (i + 1) * opts.gpus_per_run) for i in range(n))]
+        groups = [",".join(map(str, range(i * opts.gpus_per_run, (i + 1) * opts.gpus_per_run))) for i in range(n)]
+        # with --runs-per-gpu K, every GPU group appears K times; round-robin spreads the first runs
+        return [Slot(f"GPU {ids}" + (f" #{k}" if opts.runs_per_gpu > 1 else ""), {"CUDA_VISIBLE_DEVICES": ids})
+                for k in range(opts.runs_per_gpu) for ids in groups]
     threads = str(opts.threads)
     return [Slot(f"CPU slot {i}", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
             for i in range(opts.jobs)]
@@ -552,6 +565,7 @@ def run_locally(runs, opts, rate_guess):
                 free.append(slot)
                 status = run_status_after(opts.out, run, proc.returncode)
                 results[run.tag] = status
+                rate_guess = measured_flops_rate(opts.out) or rate_guess   # --time-limit packs by it
                 progress.finished(run, status)
                 took = fmt_time(time.time() - t0)
                 if status == "ok":
@@ -577,8 +591,9 @@ def run_locally(runs, opts, rate_guess):
 
 
 def expected_seconds(run, opts, rate_guess):
-    """A run's wall time from the FLOP rate, plus start-up (compilation on a GPU)."""
-    return 1.2 * run.train_flops / rate_guess + (90 if opts.gpus else 10)
+    """A run's wall time from the FLOP rate, plus start-up (compilation on a GPU, ~45 s with
+    torch.compile's cache warm; measured rates already include it, so this errs long)."""
+    return 1.2 * run.train_flops / rate_guess + (45 if opts.gpus else 10)
 
 
 def next_run_that_fits(queue, opts, rate_guess, elapsed):
@@ -725,7 +740,7 @@ def print_plan(runs, rate, rate_how, opts):
     if opts.preset.cpu:
         cost = f"~{seconds / 60 / max(opts.jobs, 1):.1f} min with {opts.jobs} run(s) at once"
     else:
-        cost = f"~{seconds / 3600:.1f} GPU-hours"
+        cost = f"~{seconds / 3600 / opts.runs_per_gpu:.2f} GPU-hours"
     print(f"total: {len(runs)} runs, {budgets:.4g} FLOPs, {cost} ({rate_how}); "
           f"after rounding steps {actual:.4g} FLOPs; {pending} not yet ok")
 
@@ -762,6 +777,9 @@ def build_parser():
                         "(default: all visible; 0 runs on CPU)")
     p.add_argument("--gpus-per-run", type=int, default=1,
                    help="GPUs per run, through torchrun --standalone --nproc_per_node=M (default 1)")
+    p.add_argument("--runs-per-gpu", type=int, default=None,
+                   help="runs sharing each GPU slot at once (default: the preset's; mini packs 4: "
+                        "its small models leave most of an H100 idle)")
     p.add_argument("--jobs", type=int, default=None,
                    help="CPU only: runs at once (default: the preset's); threads are split between them")
     p.add_argument("--slurm", action="store_true",
@@ -826,6 +844,9 @@ def parse_args(argv):
         raise SweepError("--gpus must be >= 0 and --gpus-per-run >= 1")
     if opts.gpus and opts.gpus < opts.gpus_per_run:
         raise SweepError(f"--gpus {opts.gpus} is fewer than --gpus-per-run {opts.gpus_per_run}")
+    opts.runs_per_gpu = opts.runs_per_gpu or opts.preset.runs_per_gpu
+    if opts.runs_per_gpu < 1:
+        raise SweepError("--runs-per-gpu must be >= 1")
     cores = os.cpu_count() or 1
     opts.jobs = opts.jobs or min(opts.preset.jobs, cores)
     if opts.jobs < 1:
@@ -851,7 +872,7 @@ def visible_gpus():
 # Embedded-corpus data dirs sweep.sh builds itself when missing: dir -> prepare_data.py flags.
 # The demo's small vocabulary leaves its tiny CPU models more of their FLOPs for the blocks.
 BUILDABLE_DATA = {"data/local": [], "data/demo": ["--vocab-size", "1024"],
-                  "data/local-site": ["--include-site-packages", "--vocab-size", "32768"]}
+                  "data/local-site": ["--include-site-packages", "--vocab-size", "8192"]}
 
 
 def ensure_data(opts):
@@ -882,7 +903,7 @@ def main(argv=None):
                 print(f"# vocab {vocab} assumed ({opts.data} has no meta.json yet)")
         plan(runs, vocab)
         read_status(opts.out, runs)
-        rate, rate_how = throughput(opts.preset, opts.out, opts.threads)
+        rate, rate_how = throughput(opts.preset, opts.out, opts.threads, opts.runs_per_gpu)
         if opts.dry_run:
             print_plan(runs, rate, rate_how, opts)
             return 0

@@ -1,8 +1,13 @@
-"""Profile one compiled training micro-step (forward + backward) and list the top GPU kernels.
+"""Where does one training step's time go? Times a full optimizer step (compiled forward +
+backward, then MuonH + AdamW) on random tokens, splits it into its phases, compares the wall time
+with the GPU's busy time (a large gap means the step waits on Python / kernel launches), and lists
+the top GPU kernels.
 
-    python scripts/profile_step.py --size 10 --r 4 --attention cudnn
+    python scripts/profile_step.py --size 10 --r 4                       # paper shape, 32 x 2048 rows
+    python scripts/profile_step.py --size 3 --r 4 --depth 12 --head-dim 64 --seq-len 512 \\
+        --vocab-size 8192 --rows 128                                      # a mini-grid run
 
-Answers "where does a step's time go" before changing anything for speed.
+Model flags are train.py's (--size, --r, --depth, --head-dim, --seq-len, --injection, ...).
 """
 import argparse
 import os
@@ -17,36 +22,63 @@ import model as model_lib  # noqa: E402
 import train  # noqa: E402
 
 
+def timed(fn, repeats):
+    """Median seconds of fn() over repeats, synchronising the GPU around each call."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=10)
-    p.add_argument("--r", type=int, default=4)
-    p.add_argument("--rows", type=int, default=32)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--rows", type=int, default=32, help="sequences per micro-step")
     p.add_argument("--attention", default="cudnn", choices=["cudnn", "flash", "default"])
+    p.add_argument("--vocab-size", type=int, default=32001)
     p.add_argument("--top", type=int, default=15)
-    args = p.parse_args()
+    p.add_argument("--repeats", type=int, default=10)
+    args, model_flags = p.parse_known_args()
+    targs = train.build_parser().parse_args(model_flags + ["--steps", "1"])
     train.select_attention_backend(args.attention)
-    cfg = model_lib.GPTConfig(size=args.size, r=args.r, vocab_size=32001)
+    cfg = train.model_config(targs, args.vocab_size)
     model = model_lib.GPT(cfg).cuda()
     step = torch.compile(model)
-    x = torch.randint(0, 32001, (args.rows, 2049), device="cuda")
+    lrs = train.learning_rates(cfg, args.rows * cfg.seq_len, 1e9)
+    optimizers = train.build_optimizers(model, lrs, "cuda")
+    x = torch.randint(0, args.vocab_size, (args.rows, cfg.seq_len + 1), device="cuda")
 
-    def micro():
+    def forward_backward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             step(x[:, :-1], x[:, 1:]).backward()
 
+    def optimize():
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=False)     # keep the grads: optimize() is timed alone too
+
+    def full_step():
+        forward_backward()
+        optimize()
+
     for _ in range(3):
-        micro()
-    torch.cuda.synchronize()
-    t = time.time()
-    for _ in range(5):
-        micro()
-    torch.cuda.synchronize()
-    print(f"s={args.size} r={args.r} attention={args.attention}: "
-          f"{(time.time() - t) / 5 * 1e3:.1f} ms per micro-step of {args.rows}x2048 tokens")
+        full_step()
+    tokens = args.rows * cfg.seq_len
+    t_fb, t_opt, t_all = (timed(f, args.repeats) for f in (forward_backward, optimize, full_step))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        micro()
+        full_step()
         torch.cuda.synchronize()
+    busy = sum(getattr(e, "device_time_total", 0) for e in prof.key_averages()) / 1e6   # kernels: s
+    flops = model_lib.flops_per_token(cfg) * tokens
+    print(f"{cfg.size=} {cfg.r=} d_model={cfg.d_model} T={cfg.seq_len} rows={args.rows} "
+          f"({tokens:,} tokens), attention={args.attention}")
+    print(f"forward+backward {t_fb * 1e3:.1f} ms | optimizer {t_opt * 1e3:.1f} ms | full step "
+          f"{t_all * 1e3:.1f} ms = {tokens / t_all:,.0f} tokens/s, {flops / t_all / 1e12:.0f} TFLOP/s")
+    print(f"GPU busy {busy * 1e3:.1f} ms of the {t_all * 1e3:.1f} ms step "
+          f"({busy / t_all:.0%}; the rest is the GPU waiting on the host)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
 
 

@@ -19,6 +19,9 @@ preset=$1 reference=$2 seconds=$3 archive=$4
 shift 4
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$(date +%s)
+# torch.compile's cache inside the checkout: runs of one shape compile once, and a machine that is
+# still warm for the next slice keeps it (the device tool keeps ignored paths between calls)
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}
 
 # the preset's data dir, and the prepare_data.py flags that rebuild the reference corpus
 read -r data flags < <(python - "$preset" "$reference" <<'EOF'

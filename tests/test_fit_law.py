@@ -240,6 +240,15 @@ def test_by_key_recovers_delta_phi():
     assert out["groups"]["base"]["n"] == len(base) + len(a)
 
 
+def test_budget_window_keeps_only_budgets_inside_it():
+    points = to_points(synthetic_runs())
+    kept = fl.select_budgets(points, 1e18, 4.64e18)
+    assert len(kept) == 4 * (5 + 5 + 6)             # r x widths at 1e18, 2.15e18, 4.64e18 (GRID)
+    assert set(np.unique(kept.C)) == {1e18, 2.15e18, 4.64e18}
+    assert len(fl.select_budgets(points, 2.15e18, None)) == 4 * (5 + 6 + 5 + 4)
+    assert len(fl.select_budgets(points, None, None)) == 116
+
+
 @pytest.mark.parametrize("case", ["empty_dir", "only_failed", "malformed_json", "negative_D"])
 def test_bad_inputs_give_one_line_errors(tmp_path, case):
     target = tmp_path / "runs"
