@@ -197,7 +197,10 @@ class MuonH(torch.optim.Optimizer):
     """Nesterov momentum -> orthogonalised update scaled to the matrix's radius -> step ->
     project the matrix back onto its sphere. The radius (Frobenius norm at initialisation) lives
     in the optimizer state, so it survives checkpoints. Matrices of one shape are processed as
-    one stacked batch."""
+    one stacked batch. Under torch.distributed each rank orthogonalises only its share of each
+    stack and the new matrices are all-gathered: the Polar Express matmuls are the optimizer's
+    cost, and every rank repeating them all caps multi-GPU scaling. Momentum stays replicated
+    (cheap, and every rank's state_dict stays whole, so checkpoints resume on any world size)."""
 
     def __init__(self, params, lr, momentum=0.95, ortho_dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum))
@@ -223,12 +226,29 @@ class MuonH(torch.optim.Optimizer):
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)
         nesterov = torch._foreach_add(grads, bufs, alpha=mu)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world == 1:
+            W = self.new_matrices(params, nesterov, lr)
+        else:           # rank k owns the k-th block of per_rank matrices (the last may be short)
+            per_rank = -(-len(params) // world)
+            lo = min(dist.get_rank() * per_rank, len(params))
+            hi = min(lo + per_rank, len(params))
+            mine = params[0].new_zeros((per_rank, *params[0].shape))
+            if hi > lo:
+                mine[:hi - lo] = self.new_matrices(params[lo:hi], nesterov[lo:hi], lr)
+            gathered = params[0].new_empty((world * per_rank, *params[0].shape))
+            dist.all_gather_into_tensor(gathered, mine)
+            W = gathered[:len(params)]
+        torch._foreach_copy_(params, list(W.unbind(0)))
+
+    def new_matrices(self, params, nesterov, lr):
+        """The stacked updated matrices (in the params' dtype) of one same-shape group."""
         radius = torch.stack([self.state[p]["radius"] for p in params]).view(-1, 1, 1)
         U = orthogonalize(torch.stack(nesterov), self.ortho_dtype).float()
         U = U * (radius / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
         W = torch.stack(params).float() - lr * U
         W = W * (radius / W.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
-        torch._foreach_copy_(params, list(W.to(params[0].dtype).unbind(0)))
+        return W.to(params[0].dtype)
 
 
 def build_optimizers(model, lrs, device_type):

@@ -67,6 +67,49 @@ def test_muonh_update_size_equals_lr_times_radius_before_projection():
     assert (w - w0).norm().item() == pytest.approx(1e-3 * w0.norm().item(), rel=0.02)
 
 
+def make_muon_problem():
+    """Five 32x48 matrices (an odd count: with 2 ranks one rank owns 3, the other 2) and one
+    16x16 (one rank owns it, the other none), with two steps of gradients."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(32, 48)] * 5 + [(16, 16)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+    grads = [[torch.randn(*s, generator=gen) for s in shapes] for _ in range(2)]
+    return params, grads
+
+
+def muon_steps(params, grads):
+    opt = train.MuonH(params, lr=0.02, ortho_dtype=torch.float32)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def sharded_muon_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    params, grads = make_muon_problem()
+    result = muon_steps(params, grads)
+    if rank == 0:
+        torch.save(result, out_file)
+    dist.destroy_process_group()
+
+
+def test_muonh_sharded_over_ranks_equals_one_process(tmp_path):
+    """Under torch.distributed each rank orthogonalises only its block of matrices and the
+    results are all-gathered: the parameters must come out as in one process."""
+    params, grads = make_muon_problem()
+    single = muon_steps(params, grads)
+    out = tmp_path / "sharded.pt"
+    torch.multiprocessing.spawn(sharded_muon_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
+    sharded = torch.load(out)
+    moved = sum((a - p0).abs().max().item() for a, p0 in zip(single, make_muon_problem()[0]))
+    assert moved > 0.01                                         # the steps did change the matrices
+    for a, b in zip(single, sharded):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---- learning rates and horizon --------------------------------------------------------------
 
 def test_reference_token_counts_are_ten_times_the_reference_models():
