@@ -7,7 +7,7 @@
 #   3. pack the run JSONs, logs and fit into one archive to take home.
 #
 #   bash scripts/sliced_sweep.sh PRESET REFERENCE_DATA_DIR SECONDS ARCHIVE [sweep.sh options...]
-#   bash scripts/sliced_sweep.sh mini carry/local-site 540 "$OUT/mini.tgz"
+#   bash scripts/sliced_sweep.sh mini .carry/ref8k 530 "$OUT/mini.tgz" --no-fit   # how results/mini was made
 #
 # REFERENCE_DATA_DIR needs only meta.json and the tokenizer files of the corpus built the first time.
 set -euo pipefail
