@@ -8,7 +8,8 @@ r^phi times its unique parameters. Data flows through this file in one direction
 
     run JSONs / CSVs  --load_points-->  Points (one per run: N_once, N_rec, r, D, L, budget C)
       --fit_law-->  Fit (Huber on log loss, summed; L-BFGS-B from many random starts)
-      --> diagnostics (per-r and restricted fits, bootstrap CI of phi, residuals, held-out budget)
+      --> diagnostics (per-r and restricted fits, bootstrap CI of phi, residuals, held-out budget,
+          and with --seed-noise how far seed-to-seed noise alone moves phi or delta phi)
       --> decisions (compute-optimal width per budget from FLOPs/params polynomials recovered
           from the runs, empirical optima, N_eff equivalences)  -->  report / --json / --plot
 
@@ -36,6 +37,7 @@ HUBER_DELTA = 1e-3
 PARAM_NAMES = ("a", "alpha", "b", "beta", "e", "phi")  # A = e^a, B = e^b, E = e^e
 BOUNDS = np.array([(-5.0, 35.0), (0.0, 2.5), (-5.0, 35.0), (0.0, 2.5), (-3.0, 2.0), (-3.0, 3.0)])
 MAX_ITER = 10_000
+SEED_NOISE_DRAWS = 100       # --seed-noise refits (each from the fit's optimum + 8 random starts)
 CSV_REQUIRED = ("N_once", "N_rec", "r", "D", "L")
 # runs that disagree on any of these measure different things and cannot share one law
 MUST_AGREE = ("data_checksum", "tokenizer", "seq_len", "batch_tokens")
@@ -151,6 +153,10 @@ def read_run_json(path):
     missing = [k for k in ("n_once", "n_rec", "r", "tokens", "val_loss") if run.get(k) is None]
     if missing:
         return None, f"incomplete (no {', '.join(missing)})"
+    # derived, for --by backprop: k differs per r under truncation (k = ceil(r/2)), so grouping
+    # by bptt_k itself would split one design into one group per r
+    k = run.get("bptt_k")
+    run.setdefault("backprop", "full" if k is None or k >= run["r"] else "truncated")
     row = {"N_once": as_number(run["n_once"], "n_once", path),
            "N_rec": as_number(run["n_rec"], "n_rec", path),
            "r": as_number(run["r"], "r", path),
@@ -504,6 +510,73 @@ def bootstrap_phi(points, full_fit, resamples=200, starts=32, seed=0, show_progr
 
 
 # ----------------------------------------------------------------------------------------------
+# Seed noise: how far phi moves when nothing changes but the training run's seed
+
+def seed_noise_sigma(points):
+    """(pooled within-cell standard deviation of L, number of cells) over runs that differ only
+    in seed (same N_once, N_rec, r, D, injection, bptt_k); (None, 0) without repeated cells."""
+    cells = {}
+    for i, meta in enumerate(points.meta):
+        key = (points.n_once[i], points.n_rec[i], points.r[i], points.D[i],
+               str(meta.get("injection")), str(meta.get("bptt_k")))
+        cells.setdefault(key, []).append(points.L[i])
+    repeated = [np.array(losses) for losses in cells.values() if len(losses) > 1]
+    if not repeated:
+        return None, 0
+    squares = sum(float(((x - x.mean()) ** 2).sum()) for x in repeated)
+    dof = sum(len(x) - 1 for x in repeated)
+    return math.sqrt(squares / dof), len(repeated)
+
+
+def seed_noise_phi(points, groups, sigma, draws=SEED_NOISE_DRAWS, starts=8, seed=0, show_progress=True):
+    """{name: phi samples}. groups maps a name to (run indices, Fit). Each draw gives every run
+    N(0, sigma) noise (the same draw for a run in several groups, like the shared r = 1 runs) on
+    top of its group's fitted loss, and refits each group: the spread of phi that seed noise
+    alone produces, with the law itself held fixed."""
+    rng = np.random.default_rng(seed + 3)
+    progress = Progress("seed-noise refits", draws, show_progress)
+    samples = {name: [] for name in groups}
+    for k in range(draws):
+        noise = rng.normal(0.0, sigma, len(points))
+        for name, (idx, fit) in groups.items():
+            sample = points.subset(idx)
+            sample.L = fit.predict(sample) + noise[idx]
+            samples[name].append(fit_law(sample, restarts=starts, seed=seed + 9000 + k,
+                                         extra_starts=[fit.params]).phi)
+        progress.update(k + 1)
+    return {name: np.array(phis) for name, phis in samples.items()}
+
+
+def seed_noise_report(points, joint, comparison, request, starts, seed, show_progress,
+                      draws=SEED_NOISE_DRAWS):
+    """The --seed-noise section: sigma (given, or 'auto' from repeated cells), the spread of phi
+    under that noise, and for --by whether each delta phi stands out of it (|delta| > 2 sd).
+    None for 'auto' without repeated cells."""
+    measured, n_cells = seed_noise_sigma(points)
+    if request == "auto":
+        if measured is None:
+            return None
+        sigma = measured
+    else:
+        sigma = float(request)
+    if comparison:
+        groups = {v: (idx, comparison["fits"][v]) for v, idx in split_groups(points, comparison["key"]).items()}
+    else:
+        groups = {"joint": (np.arange(len(points)), joint)}
+    phis = seed_noise_phi(points, groups, sigma, draws, starts, seed, show_progress)
+    spread = lambda x: {"sd": float(np.std(x, ddof=1)), "range": np.percentile(x, [2.5, 97.5]).tolist()}  # noqa: E731
+    out = {"sigma": sigma, "measured_sigma": measured, "repeated_cells": n_cells, "draws": draws,
+           "phi": {name: spread(x) for name, x in phis.items()}, "deltas": {}}
+    if comparison:
+        ref = comparison["reference"]
+        for v, d in comparison["deltas"].items():
+            noise = spread(phis[v] - phis[ref])
+            out["deltas"][v] = dict(noise, delta_phi=d["delta_phi"],
+                                    exceeds=abs(d["delta_phi"]) > 2 * noise["sd"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Architecture: params and FLOPs per token as exact polynomials in d_model
 
 @dataclass
@@ -802,10 +875,30 @@ def print_report(res):
             ci = dl["ci"]
             out(f"  delta phi ({v} - {c['reference']}) = {dl['delta_phi']:+.3f}"
                 + (f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
+    if res.get("seed_noise"):
+        print_seed_noise(res["seed_noise"], res["comparison"])
     if res["warnings"]:
         out("\n== Warnings ==")
         for w in res["warnings"]:
             out(f"  {w}")
+
+
+def print_seed_noise(sn, comparison):
+    print("\n== Seed noise ==")
+    if sn["measured_sigma"] is not None:
+        print(f"  measured: sigma = {sn['measured_sigma']:.4f} nats, pooled over {sn['repeated_cells']} "
+              f"cell(s) run with several seeds")
+    if "phi" not in sn:
+        print("  (--seed-noise auto refits the law under this noise to see how far phi moves)")
+        return
+    for name, x in sn["phi"].items():
+        label = "phi" if name == "joint" else f"phi ({comparison['key']} = {name})"
+        print(f"  {label} under noise sigma = {sn['sigma']:.4f} alone ({sn['draws']} refits of the fitted law "
+              f"+ noise): sd {x['sd']:.3f}, 95% range [{x['range'][0]:.3f}, {x['range'][1]:.3f}]")
+    for v, d in sn["deltas"].items():
+        verdict = "exceeds" if d["exceeds"] else "does not exceed"
+        print(f"  delta phi ({v} - {comparison['reference']}) = {d['delta_phi']:+.3f}: seed noise alone gives "
+              f"sd {d['sd']:.3f} (95% range [{d['range'][0]:+.3f}, {d['range'][1]:+.3f}]); it {verdict} 2 sd")
 
 
 def write_json(res, path):
@@ -818,7 +911,7 @@ def write_json(res, path):
                    {"arch": a.label, "r": a.r, "exact": a.exact, "note": a.note,
                     "n_once": a.n_once.tolist(), "n_rec": a.n_rec.tolist(),
                     "flops_per_token": a.flops.tolist()} for a in res["architectures"]],
-               warnings=res["warnings"], note=res["note"])
+               seed_noise=res.get("seed_noise"), warnings=res["warnings"], note=res["note"])
     if res["comparison"]:
         doc["groups"] = res["comparison"]["groups"]  # ("fits" holds the Fit objects themselves)
         doc["deltas"] = res["comparison"]["deltas"]
@@ -945,6 +1038,17 @@ def analyse(points, args):
                                                extra_starts=[joint.params])
         # each group's allocations use its own law; the shared r = 1 runs use the reference's
         law_for = lambda arch: c["fits"].get(arch.group, c["fits"][c["reference"]])  # noqa: E731
+    res["seed_noise"] = None
+    if args.seed_noise and not chin:
+        res["seed_noise"] = seed_noise_report(points, joint, res["comparison"], args.seed_noise,
+                                              starts=8, seed=args.seed, show_progress=not quiet)
+        if res["seed_noise"] is None:
+            res["warnings"].append("--seed-noise auto: no cell was run with several seeds, so seed "
+                                   "noise is unknown; rerun some cells with sweep.sh --repeat or give SIGMA")
+    elif not chin:
+        sigma, cells = seed_noise_sigma(points)
+        if sigma is not None:
+            res["seed_noise"] = {"sigma": sigma, "measured_sigma": sigma, "repeated_cells": cells}
     res["optima"] = [compute_optimal(law_for(a), a, C) for C in budgets for a in archs]
     res["empirical"] = empirical_optima(points, args.by)
     res["equivalence"] = equivalences(law_for, archs, args.equiv) if not chin else []
@@ -974,6 +1078,17 @@ def parse_equiv(text):
         return r, d
     except (ValueError, AssertionError):
         raise argparse.ArgumentTypeError(f"expected R:D_MODEL such as 4:2048, got {text!r}")
+
+
+def parse_seed_noise(text):
+    if text == "auto":
+        return text
+    try:
+        sigma = float(text)
+        assert sigma > 0 and math.isfinite(sigma)
+        return sigma
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive loss noise in nats such as 0.01, got {text!r}")
 
 
 def parse_budget(text):
@@ -1037,8 +1152,13 @@ example:
     p.add_argument("--boot-starts", type=positive_int, default=32, metavar="N",
                    help="random starts per bootstrap refit, besides the full-data optimum (default 32)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed for starts and resampling (default 0)")
-    p.add_argument("--by", metavar="KEY", help="fit phi per value of run field KEY (e.g. injection, "
-                   "bptt_k) with the r=1 runs shared, and report delta phi with a paired bootstrap CI")
+    p.add_argument("--by", metavar="KEY", help="fit phi per value of run field KEY (e.g. injection, or "
+                   "backprop: full/truncated, derived from bptt_k) with the r=1 runs shared, and report "
+                   "delta phi with a paired bootstrap CI")
+    p.add_argument("--seed-noise", type=parse_seed_noise, metavar="SIGMA|auto",
+                   help="refit the law 100 times with N(0, SIGMA) nats added to its own predictions "
+                        "and report how far phi (and each --by delta phi) moves under seed noise alone; "
+                        "auto: SIGMA pooled from cells run with several seeds")
     p.add_argument("--by-ref", metavar="VALUE", help="reference group for delta phi (default: first)")
     p.add_argument("--budget", type=parse_budget, action="append", default=[], metavar="C",
                    help="also report the compute-optimal allocation at C FLOPs (repeatable)")

@@ -138,12 +138,13 @@ def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, **common)
             f"k = ceil(r/2), plus {widths(trunc_extra)} (r=1 shared with {base})",
             budgets, (2, 4, 8), settings, data=data, extra_widths=trunc_extra,
             bptt_k=lambda r: math.ceil(r / 2), share_r1_from=base,
-            fit_args=("--by", "bptt_k", "--max-budget", top), **common),
+            fit_args=("--by", "backprop", "--max-budget", top, "--seed-noise", "auto"), **common),
         f"{base}-hc": Preset(
             f"hyperconnection case study on {base}'s budgets up to {top}: --injection hyperconnect "
             f"--lanes 2, r = 2, 4, 8, plus {widths(hc_extra)} (r=1 shared with {base})",
             budgets, (2, 4, 8), dict(settings, injection="hyperconnect", lanes=2), data=data,
-            extra_widths=hc_extra, share_r1_from=base, fit_args=("--by", "injection", "--max-budget", top),
+            extra_widths=hc_extra, share_r1_from=base,
+            fit_args=("--by", "injection", "--max-budget", top, "--seed-noise", "auto"),
             **common),
     }
 

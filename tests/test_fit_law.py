@@ -249,6 +249,54 @@ def test_budget_window_keeps_only_budgets_inside_it():
     assert len(fl.select_budgets(points, None, None)) == 116
 
 
+def test_seed_noise_sigma_pools_the_repeated_cells():
+    rows = [dict(N_once=1e6, N_rec=2e6, r=2, D=1e8, L=L, meta={"seed": i}) for i, L in enumerate([1.0, 1.2])]
+    rows += [dict(N_once=1e6, N_rec=2e6, r=4, D=1e8, L=L) for L in (2.0, 2.1, 2.3)]
+    rows += [dict(N_once=3e6, N_rec=2e6, r=4, D=1e8, L=5.0)]             # run once: no information
+    # by hand: squares 0.02 + (0.01778 + 0.00111 + 0.02778) over 1 + 2 degrees of freedom
+    sigma, cells = fl.seed_noise_sigma(fl.points_from_rows(rows))
+    assert cells == 2 and sigma == pytest.approx(math.sqrt(0.0666667 / 3), rel=1e-4)
+    assert fl.seed_noise_sigma(fl.points_from_rows(rows[-1:] + rows[:1]))[0] is None
+
+
+def test_seed_noise_moves_phi_in_proportion_to_sigma_and_flags_a_real_delta():
+    # the paper law on the lower budgets with two looped variants, phi 0.45 and 0.65: under
+    # 0.005 nats of seed noise phi moves by ~0.01, ten times more under 0.05, and a delta of 0.2
+    # stands far out of the small noise's spread
+    budgets = list(GRID)[:4]
+    base = synthetic_runs(rs=(1,), budgets=budgets)
+    a = synthetic_runs(rs=(2, 4, 8), budgets=budgets, coeffs=dict(PAPER, phi=0.45), extra={"variant": "base"})
+    b = synthetic_runs(rs=(2, 4, 8), budgets=budgets, coeffs=dict(PAPER, phi=0.65), extra={"variant": "hc"})
+    points = to_points(base + a + b)
+    comparison = fl.compare_groups(points, "variant", restarts=100, resamples=0, starts=2, seed=0,
+                                   reference="base", show_progress=False)
+    small, large = (fl.seed_noise_report(points, None, comparison, sigma, starts=2, seed=0,
+                                         show_progress=False, draws=16) for sigma in (0.005, 0.05))
+    sd_small, sd_large = small["deltas"]["hc"]["sd"], large["deltas"]["hc"]["sd"]
+    assert 0.002 < sd_small < 0.05 and 4 < sd_large / sd_small < 25
+    assert small["deltas"]["hc"]["exceeds"] and small["deltas"]["hc"]["delta_phi"] == pytest.approx(0.2, abs=0.02)
+    lo, hi = small["phi"]["hc"]["range"]
+    assert lo < 0.65 < hi
+
+
+def test_by_backprop_keeps_each_truncation_design_in_one_group(tmp_path):
+    # the truncation case study trains k = ceil(r/2): k is 1, 2, 4 at r = 2, 4, 8, so the groups
+    # must come from the derived `backprop` field (full / truncated), not from bptt_k's values
+    budgets = list(GRID)[:2]
+    runs = synthetic_runs(rs=(1, 2, 4, 8), budgets=budgets)
+    runs += [dict(x, tag=x["tag"] + "_k", bptt_k=math.ceil(x["r"] / 2), val_loss=x["val_loss"] + 0.01)
+             for x in synthetic_runs(rs=(2, 4, 8), budgets=budgets)]
+    for i, x in enumerate(runs):
+        (tmp_path / f"{i}.json").write_text(json.dumps(x))
+    points = fl.load_points([str(tmp_path)])
+    groups = fl.split_groups(points, "backprop")
+    assert sorted(groups) == ["full", "truncated"]
+    n_base = sum(x["r"] == 1 for x in runs)
+    for name, idx in groups.items():
+        assert sorted({points.r[i] for i in idx}) == [1, 2, 4, 8]
+        assert len(idx) == n_base + 3 * sum(len(GRID[c]) for c in budgets)
+
+
 @pytest.mark.parametrize("case", ["empty_dir", "only_failed", "malformed_json", "negative_D"])
 def test_bad_inputs_give_one_line_errors(tmp_path, case):
     target = tmp_path / "runs"

@@ -47,7 +47,17 @@ def test_mini_fit_reproduces_the_published_phi(tmp_path):
                           "--bootstrap", "0", "--json", str(out), "-q"],
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr
-    refit = json.loads(out.read_text())["joint"]
+    doc = json.loads(out.read_text())
+    refit = doc["joint"]
     assert refit["phi"] == pytest.approx(published["phi"], abs=0.01)
+    # seed noise, by hand: the pooled standard deviation over cells run with several seeds
+    cells = {}
+    for run in load_runs(MINI):
+        cells.setdefault((run["target_flops"], run["size"], run["r"]), []).append(run["val_loss"])
+    repeated = [v for v in cells.values() if len(v) > 1]
+    squares = sum(sum((x - sum(v) / len(v)) ** 2 for x in v) for v in repeated)
+    pooled = (squares / sum(len(v) - 1 for v in repeated)) ** 0.5
+    assert doc["seed_noise"]["measured_sigma"] == pytest.approx(pooled, rel=1e-9)
+    assert doc["seed_noise"]["repeated_cells"] == len(repeated) == 3
     assert refit["r2"] == pytest.approx(published["r2"], abs=1e-3)
     assert published["phi"] == pytest.approx(0.511, abs=0.001)      # the number README quotes
