@@ -72,9 +72,10 @@ PAPER_SETTINGS = dict(depth=20, n_prelude=2, n_coda=2, injection="linear", head_
 # site-packages) and tens of GPU-minutes. Depth 12 = 2 + 8 + 2, so r = 1, 2, 4, 8 all divide the 8
 # recurrent layer applications. Vocab 8192 and T 512 keep the LM head and attention near the
 # paper's share of FLOPs/token at these widths (d = 64..384; with vocab 32768 and T 1024 they took
-# 40-60%). Widths bracket each budget's optimum (~15-30 tokens per parameter). The largest runs see
-# ~1.5 epochs of the corpus; the run JSONs record `epochs`. Small widths run at 4-17% MFU on an
-# H100 (GPU-bound: scripts/profile_step.py), so the grid takes ~25 GPU-minutes, not ~5.
+# 40-60%). Widths bracket each budget's optimum (~15-30 tokens per parameter). The narrowest runs
+# of the top budgets see up to 2.2 epochs of the corpus; the run JSONs record `epochs`. Small
+# widths run at 4-15% MFU on an H100 (GPU-bound: scripts/profile_step.py), so the grid took
+# 26 GPU-minutes (results/mini), not ~5.
 MINI_BUDGETS = {
     4.64e14: [1, 2, 3],
     1e15:    [1, 2, 3],
@@ -116,7 +117,7 @@ class Preset:
     bptt_k: object = None                 # None (full backprop) or a function r -> k
     repeats: list = field(default_factory=list)        # (C, s, r) cells rerun with repeat_seeds
     repeat_seeds: tuple = (1, 2)
-    runs_per_gpu: int = 1                 # small models leave a GPU idle: pack several per GPU
+    runs_per_gpu: int = 1                 # runs at once per GPU: hides small runs' start-up and compile
     assumed_mfu: float = 0.40             # for estimates until runs have finished (small widths: less)
     checkpoints: int = 10                 # --save-every = steps // checkpoints (0: none)
     cpu: bool = False                     # planned for CPU: estimates in CPU-minutes
@@ -779,8 +780,9 @@ def build_parser():
     p.add_argument("--gpus-per-run", type=int, default=1,
                    help="GPUs per run, through torchrun --standalone --nproc_per_node=M (default 1)")
     p.add_argument("--runs-per-gpu", type=int, default=None,
-                   help="runs sharing each GPU slot at once (default: the preset's; mini packs 4: "
-                        "its small models leave most of an H100 idle)")
+                   help="runs sharing each GPU slot at once (default: the preset's; mini packs 4). "
+                        "The GPU time-slices between them, so this hides start-up and compilation "
+                        "of short runs; it adds no GPU throughput")
     p.add_argument("--jobs", type=int, default=None,
                    help="CPU only: runs at once (default: the preset's); threads are split between them")
     p.add_argument("--slurm", action="store_true",
@@ -845,7 +847,8 @@ def parse_args(argv):
         raise SweepError("--gpus must be >= 0 and --gpus-per-run >= 1")
     if opts.gpus and opts.gpus < opts.gpus_per_run:
         raise SweepError(f"--gpus {opts.gpus} is fewer than --gpus-per-run {opts.gpus_per_run}")
-    opts.runs_per_gpu = opts.runs_per_gpu or opts.preset.runs_per_gpu
+    if opts.runs_per_gpu is None:
+        opts.runs_per_gpu = opts.preset.runs_per_gpu
     if opts.runs_per_gpu < 1:
         raise SweepError("--runs-per-gpu must be >= 1")
     cores = os.cpu_count() or 1

@@ -142,6 +142,7 @@ def test_seeds_and_repeats(tmp_path):
     (["--grid", "/no/such.csv", "--dry-run"], "no such file"),
     (["--seeds", "a,b", "--dry-run"], "comma-separated"),
     (["--preset", "paper", "--data", "/no/data", "--gpus", "1"], "no meta.json"),
+    (["--preset", "mini", "--runs-per-gpu", "0", "--dry-run"], "--runs-per-gpu must be >= 1"),
 ])
 def test_bad_input_is_one_line(args, words, tmp_path):
     res = sweep_sh(*args, "--out", str(tmp_path))
