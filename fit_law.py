@@ -558,7 +558,7 @@ def seed_noise_report(points, joint, comparison, request, starts, seed, show_pro
             return None
         sigma = measured
     else:
-        sigma = float(request)
+        sigma = request
     if comparison:
         groups = {v: (idx, comparison["fits"][v]) for v, idx in split_groups(points, comparison["key"]).items()}
     else:
@@ -1080,24 +1080,25 @@ def parse_equiv(text):
         raise argparse.ArgumentTypeError(f"expected R:D_MODEL such as 4:2048, got {text!r}")
 
 
+def positive_number(text, expected):
+    """A finite float > 0, or the argparse error 'expected <expected>, got <text>'."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def parse_seed_noise(text):
     if text == "auto":
         return text
-    try:
-        sigma = float(text)
-        assert sigma > 0 and math.isfinite(sigma)
-        return sigma
-    except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive loss noise in nats such as 0.01, got {text!r}")
+    return positive_number(text, "'auto' or a positive loss noise in nats such as 0.01")
 
 
 def parse_budget(text):
-    try:
-        c = float(text)
-        assert c > 0 and math.isfinite(c)
-        return c
-    except (ValueError, AssertionError):
-        raise argparse.ArgumentTypeError(f"expected a positive number of FLOPs such as 1e20, got {text!r}")
+    return positive_number(text, "a positive number of FLOPs such as 1e20")
 
 
 def positive_int(text, minimum=0):
