@@ -697,6 +697,27 @@ def empirical_optima(points, by=None):
     return out
 
 
+def matched_compute(points, optima, key, reference):
+    """Each --by group against the reference, per budget and r > 1: how the compute-optimal loss
+    and width move under the groups' own laws, and, model-free, the mean observed loss change over
+    the runs both groups have (same budget, r, width and seed)."""
+    budgets = points.budget_keys()
+    observed = {(budgets[i], points.r[i], m.get("size"), m.get("seed"), str(m.get(key))): points.L[i]
+                for i, m in enumerate(points.meta) if points.r[i] > 1}
+    best = {(float(f"{o['budget']:.4g}"), o["r"], o["group"]): o for o in optima}
+    rows = []
+    for (C, r, group), o in sorted(best.items()):
+        ref = best.get((C, r, reference))
+        if r == 1 or group == reference or ref is None:
+            continue
+        diffs = [L - observed[cell[:4] + (reference,)] for cell, L in observed.items()
+                 if cell[:2] == (C, r) and cell[4] == group and cell[:4] + (reference,) in observed]
+        rows.append({"budget": C, "r": float(r), "group": group, "reference": reference,
+                     "delta_L_optimal": o["L"] - ref["L"], "width_ratio": o["d_model"] / ref["d_model"],
+                     "delta_L_observed": float(np.mean(diffs)) if diffs else None, "pairs": len(diffs)})
+    return rows
+
+
 def equivalence(fit, arch, d, baseline=None):
     """At width d: unique N, N_eff, FLOPs; with an r = 1 baseline, the non-looped models that
     have the same N_eff (worth) and the same FLOPs per token (cost)."""
@@ -875,6 +896,13 @@ def print_report(res):
             ci = dl["ci"]
             out(f"  delta phi ({v} - {c['reference']}) = {dl['delta_phi']:+.3f}"
                 + (f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
+        out(f"\n== At matched compute: each {c['key']} group against {c['reference']} ==")
+        out("  law: change of the compute-optimal loss, and optimal width / reference's optimal width;")
+        out("  observed: mean loss change over the runs both groups have (same budget, r, width, seed)")
+        out(table(["budget", "r", "group", "dL law", "width x", "dL observed", "pairs"],
+                  [[m["budget"], fmt(m["r"], "g"), m["group"], fmt(m["delta_L_optimal"], "+.4f"),
+                    fmt(m["width_ratio"], ".3f"), fmt(m["delta_L_observed"], "+.4f"), m["pairs"]]
+                   for m in res["matched"]]))
     if res.get("seed_noise"):
         print_seed_noise(res["seed_noise"], res["comparison"])
     if res["warnings"]:
@@ -906,7 +934,7 @@ def write_json(res, path):
                                                                           "phi_fixed_1")}
     doc["per_r"] = {fmt(r, "g"): fit.as_dict() for r, fit in res["per_r"].items()}
     doc.update(residuals=res["residuals"], held_out=res["held_out"], bootstrap=res["bootstrap"],
-               optima=res["optima"], empirical_optima=res["empirical"],
+               optima=res["optima"], empirical_optima=res["empirical"], matched_compute=res["matched"],
                equivalence=res["equivalence"], architectures=[
                    {"arch": a.label, "r": a.r, "exact": a.exact, "note": a.note,
                     "n_once": a.n_once.tolist(), "n_rec": a.n_rec.tolist(),
@@ -1050,6 +1078,8 @@ def analyse(points, args):
         if sigma is not None:
             res["seed_noise"] = {"sigma": sigma, "measured_sigma": sigma, "repeated_cells": cells}
     res["optima"] = [compute_optimal(law_for(a), a, C) for C in budgets for a in archs]
+    res["matched"] = (matched_compute(points, res["optima"], args.by, res["comparison"]["reference"])
+                      if args.by else [])
     res["empirical"] = empirical_optima(points, args.by)
     res["equivalence"] = equivalences(law_for, archs, args.equiv) if not chin else []
     return res

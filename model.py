@@ -36,6 +36,14 @@ ATTENTION_BACKENDS = None
 INJECTIONS = ("linear", "additive", "none", "hyperconnect")
 
 
+def width_scale(text):
+    """'3' -> 3, '0.5' -> 0.5: a width scale s as typed; whole numbers stay ints so tags read s3."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"width scale {text!r} must be positive")
+    return int(value) if value.is_integer() else value
+
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -43,7 +51,7 @@ INJECTIONS = ("linear", "additive", "none", "hyperconnect")
 class GPTConfig:
     vocab_size: int = 32001
     seq_len: int = 2048
-    size: int = 10               # width scale s: d_model = 64*s rounded up to a multiple of head_dim
+    size: float = 10             # width scale s: d_model = 64*s rounded up to a multiple of head_dim
     head_dim: int = 128
     depth: int = 20              # effective depth: layer applications per token
     n_prelude: int = 2
@@ -88,8 +96,8 @@ class GPTConfig:
             raise ValueError(msg)
         if self.r < 1:
             bad(f"r={self.r}: the number of recurrences must be at least 1")
-        if self.size < 1 and self.d_model_override is None:
-            bad(f"size={self.size}: the width scale must be a positive integer")
+        if not self.size > 0 and self.d_model_override is None:
+            bad(f"size={self.size}: the width scale must be positive (0.5 with head_dim 32 is d_model 32)")
         if self.head_dim < 1 or self.d_model % self.head_dim:
             bad(f"head_dim={self.head_dim} does not divide d_model={self.d_model}; "
                 f"pick a head_dim that divides it")

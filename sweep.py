@@ -86,6 +86,9 @@ MINI_LOWER = {c: w for c, w in MINI_BUDGETS.items() if c <= 2.15e15}     # mini'
 MINI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_dim=64,
                      seq_len=512, batch_tokens=65536, samples=0)
 MINI_REPEATS = [(2.15e15, 2, 1), (2.15e15, 2, 4), (4.64e15, 3, 2)]   # x seeds 1, 2: seed noise
+# At 4.64e14 the loss rose from s=1 to s=2 for every r, so the optimum lay below the narrowest
+# width; head_dim 64 cannot go narrower than d_model 64, so s=0.5 runs one head of 32.
+MINI_NARROW = [dict(budget=4.64e14, size=0.5, r=r, head_dim=32) for r in (1, 2, 4, 8)]
 
 # demo: a CPU grid on the embedded stdlib corpus (data/demo: vocab 1024), < 10 min on 2 cores
 # incl. the fit. Depth 6 = 1 + 4 + 1: r = 1, 2, 4. Widths s -> d_model = 64 s (head_dim 32).
@@ -116,6 +119,7 @@ class Preset:
     extra_widths: dict = field(default_factory=dict)   # C -> widths added for the looped runs only
     bptt_k: object = None                 # None (full backprop) or a function r -> k
     repeats: list = field(default_factory=list)        # (C, s, r) cells rerun with repeat_seeds
+    extra_cells: list = field(default_factory=list)    # cells with their own train.py flags (like --grid rows)
     repeat_seeds: tuple = (1, 2)
     runs_per_gpu: int = 1                 # runs at once per GPU: hides small runs' start-up and compile
     assumed_mfu: float = 0.40             # for estimates until runs have finished (small widths: less)
@@ -129,10 +133,12 @@ class Preset:
 def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, **common):
     """The two case-study grids of SPEC.md section 6 on top of a base preset: truncated backprop
     (k = ceil(r/2)) and hyperconnections (K = 2), r = 2, 4, 8, with the base's r=1 runs shared.
-    `common`: further Preset fields of both (vocab_size, runs_per_gpu)."""
+    `common`: further Preset fields of both (vocab_size, runs_per_gpu, the base's extra_cells)."""
     short = lambda c: f"{c:g}".replace("e+", "e")
     top = short(max(budgets))
-    widths = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, ws in extra.items() for w in ws)
+    cells = [(c["budget"], c["size"]) for c in common.get("extra_cells", []) if c["r"] > 1]
+    widths = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, w in
+                                     sorted(set(cells + [(c, w) for c, ws in extra.items() for w in ws])))
     return {
         f"{base}-trunc": Preset(
             f"truncated backprop case study on {base}'s budgets up to {top}: r = 2, 4, 8 with "
@@ -145,7 +151,8 @@ def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, **common)
             f"--lanes 2, r = 2, 4, 8, plus {widths(hc_extra)} (r=1 shared with {base})",
             budgets, (2, 4, 8), dict(settings, injection="hyperconnect", lanes=2), data=data,
             extra_widths=hc_extra, share_r1_from=base,
-            fit_args=("--by", "injection", "--max-budget", top, "--seed-noise", "auto"),
+            fit_args=("--by", "injection", "--by-ref", "linear", "--max-budget", top,
+                      "--seed-noise", "auto"),
             **common),
     }
 
@@ -159,13 +166,13 @@ PRESETS = {
                    trunc_extra={1e18: [16], 2.15e18: [18], 4.64e18: [22]}, hc_extra={2.15e18: [18]}),
     "mini": Preset(
         "the paper's design at ~1/5000 of its compute on the offline corpus: 4 budgets "
-        "4.64e14..4.64e15, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 512, B 65536, vocab 8192, 3 cells x 2 "
-        "extra seeds; 4 runs share each GPU",
+        "4.64e14..4.64e15, r = 1, 2, 4, 8, depth 12 (2-8/r-2), T 512, B 65536, vocab 8192, s=0.5 "
+        "(head_dim 32) at 4.64e14, 3 cells x 2 extra seeds; 4 runs share each GPU",
         MINI_BUDGETS, (1, 2, 4, 8), MINI_SETTINGS, data="data/local-site", vocab_size=8192,
-        repeats=MINI_REPEATS, runs_per_gpu=4, assumed_mfu=0.12),
+        repeats=MINI_REPEATS, extra_cells=MINI_NARROW, runs_per_gpu=4, assumed_mfu=0.12),
     **case_studies("mini", MINI_LOWER, MINI_SETTINGS, "data/local-site",
                    trunc_extra={4.64e14: [4], 1e15: [4], 2.15e15: [5]}, hc_extra={2.15e15: [5]},
-                   vocab_size=8192, runs_per_gpu=4, assumed_mfu=0.12),
+                   extra_cells=MINI_NARROW, vocab_size=8192, runs_per_gpu=4, assumed_mfu=0.12),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
         "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",
@@ -189,7 +196,7 @@ MODEL_KEYS = ("depth", "n_prelude", "n_coda", "head_dim", "seq_len")
 @dataclass
 class Run:
     budget: float
-    size: int
+    size: float                          # width scale s (0.5 allowed; see mini)
     r: int
     settings: dict                       # train.py flags (without the cell's own)
     injection: str = "linear"
@@ -233,6 +240,8 @@ def preset_cells(preset, seeds):
                     cells.append(dict(budget=budget, size=size, r=r, seed=seed))
     for budget, size, r in preset.repeats:
         cells += [dict(budget=budget, size=size, r=r, seed=s) for s in preset.repeat_seeds]
+    cells += [dict(cell, seed=seed) for cell in preset.extra_cells if cell["r"] in preset.r
+              for seed in seeds]
     for cell in cells:
         if preset.bptt_k is not None and cell["r"] > 1:
             cell["bptt_k"] = preset.bptt_k(cell["r"])
@@ -283,6 +292,7 @@ def read_grid_file(path):
 
 
 def cells_to_runs(cells, preset):
+    from model import width_scale
     runs = []
     for cell in cells:
         settings = dict(preset.settings)
@@ -290,7 +300,7 @@ def cells_to_runs(cells, preset):
         injection = settings.pop("injection", "linear")
         lanes = settings.pop("lanes", 2)
         try:
-            run = Run(budget=float(cell["budget"]), size=int(cell["size"]), r=int(cell["r"]),
+            run = Run(budget=float(cell["budget"]), size=width_scale(cell["size"]), r=int(cell["r"]),
                       settings=settings, injection=cell.get("injection", injection),
                       lanes=int(cell.get("lanes", lanes)), seed=int(cell.get("seed", 0)),
                       bptt_k=None if cell.get("bptt_k") is None else int(cell["bptt_k"]))

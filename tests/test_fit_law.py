@@ -358,3 +358,29 @@ def test_cli_end_to_end_json_output(tmp_path):
 if __name__ == "__main__":
     # python tests/test_fit_law.py OUT.csv: the noisy 116-run grid, e.g. to time the default CLI
     write_csv(synthetic_runs(noise=0.01, seed=1), sys.argv[1])
+
+
+def test_matched_compute_pairs_runs_and_reads_each_groups_law(tmp_path):
+    # two looped variants on the lower budgets, phi 0.45 (linear) and 0.65 (hyperconnect), no noise:
+    # the observed column is the mean loss change over identical (budget, r, width) cells, which we
+    # pair by hand here; a larger phi must lower the compute-optimal loss at every budget and r
+    budgets = list(GRID)[:3]
+    base = synthetic_runs(rs=(1,), budgets=budgets)
+    a = synthetic_runs(rs=(2, 4, 8), budgets=budgets, coeffs=dict(PAPER, phi=0.45))
+    b = [dict(x, tag=x["tag"] + "_hc", injection="hyperconnect")
+         for x in synthetic_runs(rs=(2, 4, 8), budgets=budgets, coeffs=dict(PAPER, phi=0.65))]
+    for i, x in enumerate(base + a + b):
+        (tmp_path / f"{i}.json").write_text(json.dumps(x))
+    out = tmp_path / "fit.json"
+    result = run_cli(tmp_path, "--by", "injection", "--by-ref", "linear", "--restarts", 40,
+                     "--bootstrap", 0, "--json", out)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["matched_compute"]
+    assert {(row["budget"], row["r"]) for row in rows} == {(c, r) for c in budgets for r in (2, 4, 8)}
+    for row in rows:
+        mine = {x["size"]: x["val_loss"] for x in a if x["target_flops"] == row["budget"] and x["r"] == row["r"]}
+        theirs = {x["size"]: x["val_loss"] for x in b if x["target_flops"] == row["budget"] and x["r"] == row["r"]}
+        assert row["group"] == "hyperconnect" and row["pairs"] == len(mine) == len(theirs)
+        assert row["delta_L_observed"] == pytest.approx(np.mean([theirs[s] - mine[s] for s in mine]), abs=1e-12)
+        assert row["delta_L_optimal"] < 0 and 0.8 < row["width_ratio"] < 1.25
+    assert "At matched compute" in result.stdout

@@ -269,7 +269,7 @@ def test_init_statistics():
     (dict(bptt_k=5), "between 1 and r"),
     (dict(r=0), "at least 1"),
     (dict(n_prelude=5, n_coda=5), "leaves 0 layer applications"),
-    (dict(size=0), "positive integer"),
+    (dict(size=0), "must be positive"),
 ])
 def test_bad_config_says_what_to_change(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -13,6 +13,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINI = os.path.join(REPO, "results", "mini")
+CASES = {  # case study -> (--by key, reference, the other group, its runs, published delta phi)
+    "mini-trunc": ("backprop", "full", "truncated", 42, -0.002),
+    "mini-hc": ("injection", "linear", "hyperconnect", 36, +0.132),
+}
 
 
 def load_runs(folder):
@@ -60,4 +64,42 @@ def test_mini_fit_reproduces_the_published_phi(tmp_path):
     assert doc["seed_noise"]["measured_sigma"] == pytest.approx(pooled, rel=1e-9)
     assert doc["seed_noise"]["repeated_cells"] == len(repeated) == 3
     assert refit["r2"] == pytest.approx(published["r2"], abs=1e-3)
-    assert published["phi"] == pytest.approx(0.511, abs=0.001)      # the number README quotes
+    assert published["phi"] == pytest.approx(0.537, abs=0.001)      # the number README quotes
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_case_study_is_complete_and_shares_minis_corpus(case):
+    key, _, group, count, _ = CASES[case]
+    runs = load_runs(os.path.join(REPO, "results", case))
+    with open(os.path.join(MINI, "meta.json")) as f:
+        checksum = json.load(f)["checksum"]
+    assert len(runs) == count and all(run["status"] == "ok" for run in runs)
+    assert {run["data_checksum"] for run in runs} == {checksum}
+    assert {run["r"] for run in runs} == {2, 4, 8}        # r = 1 comes from results/mini
+    if case == "mini-trunc":
+        assert all(run["bptt_k"] == -(-run["r"] // 2) for run in runs)
+    else:
+        assert all(run["injection"] == "hyperconnect" and run["lanes"] == 2 for run in runs)
+    # every baseline cell on these budgets has its case-study twin
+    budgets = {run["target_flops"] for run in runs}
+    twins = {(run["target_flops"], run["size"], run["r"]) for run in runs}
+    baseline = {(run["target_flops"], run["size"], run["r"]) for run in load_runs(MINI)
+                if run["r"] > 1 and run["target_flops"] in budgets}
+    assert baseline <= twins
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_case_study_refit_reproduces_the_published_delta_phi(case, tmp_path):
+    key, reference, group, _, published = CASES[case]
+    with open(os.path.join(REPO, "results", case, "fit.json")) as f:
+        doc = json.load(f)
+    assert doc["deltas"][group]["delta_phi"] == pytest.approx(published, abs=0.001)   # README's number
+    out = tmp_path / "refit.json"
+    res = subprocess.run([sys.executable, os.path.join(REPO, "fit_law.py"), MINI,
+                          os.path.join(REPO, "results", case), "--by", key, "--by-ref", reference,
+                          "--max-budget", "2.15e15", "--restarts", "100", "--bootstrap", "0",
+                          "--json", str(out), "-q"], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    refit = json.loads(out.read_text())
+    assert refit["deltas"][group]["delta_phi"] == pytest.approx(published, abs=0.01)
+    assert len(refit["matched_compute"]) == 3 * 3                  # 3 budgets x r = 2, 4, 8

@@ -78,8 +78,9 @@ def check_case_studies(base, tmp_path, base_widths, extra_trunc, extra_hc):
             got = {}
             for row in rows:
                 if int(row["r"]) == r:
-                    got.setdefault(float(row["budget"]), []).append(int(row["s"]))
-            assert got == {c: base_widths[c] + extra.get(c, []) for c in base_widths}
+                    got.setdefault(float(row["budget"]), []).append(float(row["s"]))
+            assert {c: sorted(w) for c, w in got.items()} == \
+                {c: sorted(base_widths[c] + extra.get(c, [])) for c in base_widths}
     assert {(row["r"], row["k"]) for row in trunc} == {("2", "1"), ("4", "2"), ("8", "4")}
     assert {row["inj"] for row in hc} == {"hyperconnect"}
     return len(trunc), len(hc)
@@ -93,11 +94,12 @@ def test_case_study_grids(tmp_path):
 
 
 def test_mini_case_study_grids(tmp_path):
-    mini_lower = {4.64e14: [1, 2, 3], 1e15: [1, 2, 3], 2.15e15: [1, 2, 3, 4]}
+    """The case studies reuse mini's looped widths, its s=0.5 edge cells included."""
+    mini_lower = {4.64e14: [0.5, 1, 2, 3], 1e15: [1, 2, 3], 2.15e15: [1, 2, 3, 4]}
     counts = check_case_studies("mini", tmp_path, mini_lower,
                                 extra_trunc={4.64e14: [4], 1e15: [4], 2.15e15: [5]},
                                 extra_hc={2.15e15: [5]})
-    assert counts == (39, 33)    # trunc: 3 r x (4 + 4 + 5); hc: 3 r x (3 + 3 + 5)
+    assert counts == (42, 36)    # trunc: 3 r x (5 + 4 + 5); hc: 3 r x (4 + 3 + 5)
 
 
 def test_plan_matches_train_py_dry_run():
@@ -120,9 +122,13 @@ def test_mini_and_demo_designs(tmp_path):
     assert len(budgets) == 4 and budgets[-1] / budgets[0] >= 10
     assert {int(row["r"]) for row in mini} == {1, 2, 4, 8}
     total = sum(float(row["budget"]) for row in mini)
-    assert total == pytest.approx(1.441e17, rel=1e-3)
+    assert total == pytest.approx(1.441e17 + 4 * 4.64e14, rel=1e-3)
     repeated = [row["tag"] for row in mini if row["seed"] != "0"]
-    assert len(mini) == 62 and len(repeated) == 6      # 14 cells x 4 r + 3 cells x seeds 1, 2
+    assert len(mini) == 66 and len(repeated) == 6      # 15 cells x 4 r + 3 cells x seeds 1, 2
+    # the narrow edge at the lowest budget: one 32-wide head (head_dim 64 cannot go below 64)
+    narrow = [row for row in mini if row["s"] == "0.5"]
+    assert len(narrow) == 4 and {row["d"] for row in narrow} == {"32"}
+    assert {float(row["budget"]) for row in narrow} == {4.64e14}
     demo, _ = dry_run("demo", tmp_path)
     assert {int(row["r"]) for row in demo} == {1, 2, 4} and len(demo) == 27
 
