@@ -952,6 +952,8 @@ def write_json(res, path):
 
 
 def plot(res, points, path):
+    """Iso-FLOP curves with the law and its residuals; under --by, one iso-FLOP panel per group
+    (each with its own law) and a panel of phi per group with its paired-bootstrap CI."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -959,9 +961,40 @@ def plot(res, points, path):
     except ImportError:
         warn("--plot needs matplotlib (pip install matplotlib); skipping the plot")
         return
-    fit = res["joint"]
-    fig, (ax, ax_res) = plt.subplots(1, 2, figsize=(13, 5))
-    colours = dict(zip(np.unique(points.r), plt.cm.viridis(np.linspace(0, 0.85, len(np.unique(points.r))))))
+    rs = np.unique(points.r)
+    colours = dict(zip(rs, plt.cm.viridis(np.linspace(0, 0.85, len(rs)))))
+    comparison = res["comparison"]
+    if comparison:
+        groups = split_groups(points, comparison["key"])
+        order = [comparison["reference"]] + [v for v in groups if v != comparison["reference"]]
+        fig, axes = plt.subplots(1, len(groups) + 1, figsize=(6.5 * len(groups) + 4.5, 5))
+        for ax in axes[1:-1]:
+            ax.sharey(axes[0])
+        for ax, value in zip(axes, order):
+            idx = groups[value]
+            fit = comparison["fits"][value]
+            plot_iso_flop(ax, points.subset(idx), fit, colours,
+                          f"{comparison['key']} = {value}: phi = {fit.phi:.3f}")
+        plot_group_phis(axes[-1], comparison)
+    else:
+        fit = res["joint"]
+        fig, (ax, ax_res) = plt.subplots(1, 2, figsize=(13, 5))
+        plot_iso_flop(ax, points, fit, colours, "iso-FLOP curves and the joint fit"
+                      + ("" if fit.chinchilla else f" (phi = {fit.phi:.3f})"))
+        ax_res.scatter(points.n_once + points.n_rec, points.L - fit.predict(points),
+                       c=[colours[r] for r in points.r], s=14)
+        ax_res.axhline(0, color="k", lw=0.8)
+        ax_res.set(xscale="log", xlabel="N", ylabel="observed - fitted (nats)", title="residuals")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise InputError(f"--plot {path}: {err.strerror}")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def plot_iso_flop(ax, points, fit, colours, title):
+    """Runs as dots, and the law drawn along each (budget, r) cell, one colour per r."""
     N = points.n_once + points.n_rec
     budgets = points.budget_keys() if points.has_budget else np.zeros(len(points))
     for C in np.unique(budgets):
@@ -973,28 +1006,34 @@ def plot(res, points, path):
             if len(idx) >= 2:  # draw the law along the cell: N_once/N_rec and D interpolated in log N
                 x = np.log(N[idx])
                 grid = np.linspace(x.min() - 0.15, x.max() + 0.15, 60)
-                interp = lambda y: np.exp(np.polyval(np.polyfit(x, np.log(y), 1), grid))
+                interp = lambda y: np.exp(np.polyval(np.polyfit(x, np.log(y), 1), grid))  # noqa: E731
                 ax.plot(np.exp(grid), fit.loss(interp(points.n_once[idx]), interp(points.n_rec[idx]),
                                                r, interp(points.D[idx])), color=colours[r], lw=1)
         if points.has_budget:  # label each iso-FLOP family at its widest run
             i = np.flatnonzero(budgets == C)[np.argmax(N[budgets == C])]
             ax.annotate(f"{C:.3g}", (N[i], points.L[i]), xytext=(6, 0), textcoords="offset points",
                         fontsize=7, va="center")
-    for r, c in colours.items():
-        ax.plot([], [], color=c, label=f"r = {r:g}")
+    for r in np.unique(points.r):
+        ax.plot([], [], color=colours[r], label=f"r = {r:g}")
     ax.set(xscale="log", xlabel="unique non-embedding params N", ylabel="validation loss (nats)",
-           title="iso-FLOP curves and the joint fit" + ("" if fit.chinchilla else f" (phi = {fit.phi:.3f})"))
+           title=title)
     ax.legend()
-    resid = points.L - fit.predict(points)
-    ax_res.scatter(N, resid, c=[colours[r] for r in points.r], s=14)
-    ax_res.axhline(0, color="k", lw=0.8)
-    ax_res.set(xscale="log", xlabel="N", ylabel="observed - fitted (nats)", title="residuals")
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise InputError(f"--plot {path}: {err.strerror}")
-    print(f"wrote {path}", file=sys.stderr)
+
+
+def plot_group_phis(ax, comparison):
+    """phi of each group with its paired-bootstrap 95% CI (where there is one)."""
+    names = [comparison["reference"]] + [v for v in comparison["groups"] if v != comparison["reference"]]
+    for y, name in enumerate(names):
+        g = comparison["groups"][name]
+        ci = g.get("phi_ci")
+        if ci:
+            ax.plot(ci, [y, y], color="0.4", lw=2)
+        ax.plot([g["phi"]], [y], "o", color="C3" if name == comparison["reference"] else "C0")
+    ax.axvline(0, color="k", lw=0.6, ls=":")
+    ax.axvline(1, color="k", lw=0.6, ls=":")
+    deltas = "; ".join(f"delta {v} = {d['delta_phi']:+.3f}" for v, d in comparison["deltas"].items())
+    ax.set(yticks=range(len(names)), yticklabels=names, ylim=(-0.7, len(names) - 0.3),
+           xlabel="phi (95% paired-bootstrap CI)", title=deltas)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ PAPER_SETTINGS = dict(depth=20, n_prelude=2, n_coda=2, injection="linear", head_
 # 40-60%). Widths bracket each budget's optimum (~15-30 tokens per parameter). The narrowest runs
 # of the top budgets see up to 2.2 epochs of the corpus; the run JSONs record `epochs`. Small
 # widths run at 4-15% MFU on an H100 (GPU-bound: scripts/profile_step.py), so the grid took
-# 26 GPU-minutes (results/mini), not ~5.
+# 28 GPU-minutes (results/mini), not ~5.
 MINI_BUDGETS = {
     4.64e14: [1, 2, 3],
     1e15:    [1, 2, 3],

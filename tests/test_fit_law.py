@@ -7,6 +7,7 @@ defaults to stay fast; each test says why its reduced count still tests the prop
 """
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -372,8 +373,10 @@ def test_matched_compute_pairs_runs_and_reads_each_groups_law(tmp_path):
     for i, x in enumerate(base + a + b):
         (tmp_path / f"{i}.json").write_text(json.dumps(x))
     out = tmp_path / "fit.json"
+    png = tmp_path / "plots" / "fit.png"
+    png.parent.mkdir()
     result = run_cli(tmp_path, "--by", "injection", "--by-ref", "linear", "--restarts", 40,
-                     "--bootstrap", 0, "--json", out)
+                     "--bootstrap", 0, "--json", out, "--plot", png)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["matched_compute"]
     assert {(row["budget"], row["r"]) for row in rows} == {(c, r) for c in budgets for r in (2, 4, 8)}
@@ -384,3 +387,5 @@ def test_matched_compute_pairs_runs_and_reads_each_groups_law(tmp_path):
         assert row["delta_L_observed"] == pytest.approx(np.mean([theirs[s] - mine[s] for s in mine]), abs=1e-12)
         assert row["delta_L_optimal"] < 0 and 0.8 < row["width_ratio"] < 1.25
     assert "At matched compute" in result.stdout
+    if importlib.util.find_spec("matplotlib"):          # one iso-FLOP panel per group + the phis
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
