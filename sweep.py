@@ -119,7 +119,7 @@ class Preset:
     extra_widths: dict = field(default_factory=dict)   # C -> widths added for the looped runs only
     bptt_k: object = None                 # None (full backprop) or a function r -> k
     repeats: list = field(default_factory=list)        # (C, s, r) cells rerun with repeat_seeds
-    extra_cells: list = field(default_factory=list)    # cells with their own train.py flags (like --grid rows)
+    extra_cells: list = field(default_factory=list)    # cells with own train.py flags, as in --grid
     repeat_seeds: tuple = (1, 2)
     runs_per_gpu: int = 1                 # runs at once per GPU: hides small runs' start-up and compile
     assumed_mfu: float = 0.40             # for estimates until runs have finished (small widths: less)
