@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GPT, GPTConfig, INJECTIONS, count_params, flops_per_token
+from model import GPT, GPTConfig, INJECTIONS, count_params, flops_per_token, width_scale
 
 torch.manual_seed(0)
 
@@ -299,3 +299,16 @@ def test_chunked_fused_cross_entropy_equals_plain_softcapped_ce():
     total = model_lib.FusedSoftcapCE.apply(h, w, targets, V, 15.0)
     (2.5 * total).backward()       # the upstream gradient scales the saved ones
     torch.testing.assert_close(h.grad, 2.5 * ref_grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_width_scale_takes_fractions_for_narrow_grid_edges():
+    """s = 0.5 with head_dim 32 is one 32-wide head (mini's lowest budget needs it); whole
+    numbers stay ints so run tags read s3, not s3.0."""
+    assert width_scale("3") == 3 and isinstance(width_scale("3"), int)
+    assert width_scale("0.5") == 0.5 and width_scale("2.0") == 2
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ValueError):
+            width_scale(bad)
+    cfg = GPTConfig(size=0.5, head_dim=32, depth=12, n_prelude=2, n_coda=2, r=4)
+    assert (cfg.d_model, cfg.n_head) == (32, 1)
+    assert GPTConfig(size=1.5, head_dim=64).d_model == 128     # 96 rounded up to whole heads

@@ -320,3 +320,17 @@ def test_command_passes_the_planned_budget_exactly(tmp_path):
     cmd = sweep.train_command(run, opts)
     assert float(cmd[cmd.index("--target-flops") + 1]) == 1.23456789e12
     assert run.tag.startswith("C1.23e12_")
+
+
+@pytest.mark.parametrize("presets,words", [("mini,nope", "no preset nope"),
+                                           ("tiny,mini", "different data directories")])
+def test_sliced_sweep_refuses_what_cannot_share_a_slice(tmp_path, presets, words):
+    """Checked before any corpus is rebuilt or run started: one line, exit != 0."""
+    (tmp_path / "meta.json").write_text(json.dumps({"config": {
+        "source": "local", "val_fraction": 0.05, "shard_tokens": 10 ** 8}}))
+    res = subprocess.run(["bash", os.path.join(ROOT, "scripts", "sliced_sweep.sh"), presets,
+                          str(tmp_path), "60", str(tmp_path / "out.tgz")],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+    assert res.returncode != 0
+    assert words in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out.tgz").exists()
