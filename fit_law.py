@@ -109,7 +109,12 @@ class Points:
         return bool(np.all(np.isfinite(self.C)))
 
     def budget_keys(self):
-        return np.array([float(f"{c:.4g}") for c in self.C])
+        return np.array([budget_key(c) for c in self.C])
+
+
+def budget_key(c):
+    """A budget rounded to 4 significant digits: runs planned for one budget share one key."""
+    return float(f"{c:.4g}")
 
 
 def points_from_rows(rows):
@@ -704,7 +709,7 @@ def matched_compute(points, optima, key, reference):
     budgets = points.budget_keys()
     observed = {(budgets[i], points.r[i], m.get("size"), m.get("seed"), str(m.get(key))): points.L[i]
                 for i, m in enumerate(points.meta) if points.r[i] > 1}
-    best = {(float(f"{o['budget']:.4g}"), o["r"], o["group"]): o for o in optima}
+    best = {(budget_key(o["budget"]), o["r"], o["group"]): o for o in optima}
     rows = []
     for (C, r, group), o in sorted(best.items()):
         ref = best.get((C, r, reference))
@@ -975,7 +980,7 @@ def plot(res, points, path):
             fit = comparison["fits"][value]
             plot_iso_flop(ax, points.subset(idx), fit, colours,
                           f"{comparison['key']} = {value}: phi = {fit.phi:.3f}")
-        plot_group_phis(axes[-1], comparison)
+        plot_group_phis(axes[-1], comparison, order)
     else:
         fit = res["joint"]
         fig, (ax, ax_res) = plt.subplots(1, 2, figsize=(13, 5))
@@ -1020,9 +1025,8 @@ def plot_iso_flop(ax, points, fit, colours, title):
     ax.legend()
 
 
-def plot_group_phis(ax, comparison):
-    """phi of each group with its paired-bootstrap 95% CI (where there is one)."""
-    names = [comparison["reference"]] + [v for v in comparison["groups"] if v != comparison["reference"]]
+def plot_group_phis(ax, comparison, names):
+    """phi of each group (in the order of names) with its paired-bootstrap 95% CI, where there is one."""
     for y, name in enumerate(names):
         g = comparison["groups"][name]
         ci = g.get("phi_ci")
