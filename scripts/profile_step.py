@@ -34,6 +34,30 @@ def timed(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
+KERNEL_KINDS = (   # (kind, substrings of the kernel name), first match wins
+    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("nvjet", "gemm", "sm90_xmma", "cutlass", "triton_tem")),
+    ("fused elementwise/norm (triton)", ("triton_",)),
+    ("copies and fills", ("copy", "fill", "Memset", "Memcpy", "cat")),
+)
+
+
+def print_kernel_kinds(events, step_seconds):
+    """GPU time per kind of kernel (matmul, attention, Triton-fused elementwise, ...)."""
+    totals = {}
+    for e in events:
+        t = getattr(e, "device_time_total", 0)
+        if not t:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(s.lower() in name for s in keys)), "other")
+        ms, n = totals.get(kind, (0.0, 0))
+        totals[kind] = (ms + t / 1e3, n + e.count)
+    print(f"{'kernel kind':<34} {'ms':>8} {'of step':>8} {'launches':>9}")
+    for kind, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        print(f"{kind:<34} {ms:>8.1f} {ms / (step_seconds * 1e3):>8.0%} {n:>9}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--rows", type=int, default=32, help="sequences per micro-step")
@@ -79,6 +103,7 @@ def main():
           f"{t_all * 1e3:.1f} ms = {tokens / t_all:,.0f} tokens/s, {flops / t_all / 1e12:.0f} TFLOP/s")
     print(f"GPU busy {busy * 1e3:.1f} ms of the {t_all * 1e3:.1f} ms step "
           f"({busy / t_all:.0%}; the rest is the GPU waiting on the host)")
+    print_kernel_kinds(prof.key_averages(), t_all)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
 
 
