@@ -1,7 +1,8 @@
 """Where does one training step's time go? Times a full optimizer step (compiled forward +
 backward, then MuonH + AdamW) on random tokens, splits it into its phases, compares the wall time
-with the GPU's busy time (a large gap means the step waits on Python / kernel launches), and lists
-the top GPU kernels.
+with the GPU's busy time (a large gap means the step waits on Python / kernel launches), sums the
+GPU time per kind of kernel (matmul, attention, Triton-fused elementwise, ...) and lists the top
+kernels.
 
     python scripts/profile_step.py --size 10 --r 4                       # paper shape, 32 x 2048 rows
     python scripts/profile_step.py --size 3 --r 4 --depth 12 --head-dim 64 --seq-len 512 \\
