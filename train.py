@@ -107,7 +107,7 @@ def build_parser():
     s.add_argument("--compile-mode", default=None, choices=["max-autotune-no-cudagraphs"],
                    help="torch.compile mode. max-autotune-no-cudagraphs benchmarks Triton matmul "
                         "templates that fuse neighbouring elementwise work: +1.4%% tokens/s at s=10, r=4 "
-                        "on an H100, but the compile took 7 minutes (the default takes ~30 s)")
+                        "on an H100, but its bench took 425 s instead of 40-90 s, nearly all compiling")
     s.add_argument("--ddp-overlap", action="store_true",
                    help="several GPUs: split the compiled graph at DDP's gradient buckets so the "
                         "all-reduce overlaps the backward (torch's default). Off by default: on 2 H200s "
