@@ -35,11 +35,11 @@ def timed(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
-KERNEL_KINDS = (   # (kind, substrings of the kernel name), first match wins
+KERNEL_KINDS = (   # (kind, lower-case substrings of the kernel name), first match wins
     ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
     ("matmul", ("nvjet", "gemm", "sm90_xmma", "cutlass", "triton_tem")),
     ("fused elementwise/norm (triton)", ("triton_",)),
-    ("copies and fills", ("copy", "fill", "Memset", "Memcpy", "cat")),
+    ("copies and fills", ("copy", "fill", "memset", "memcpy", "cat")),
 )
 
 
@@ -51,7 +51,7 @@ def print_kernel_kinds(events, step_seconds):
         if not t:
             continue
         name = e.key.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(s.lower() in name for s in keys)), "other")
+        kind = next((k for k, keys in KERNEL_KINDS if any(s in name for s in keys)), "other")
         ms, n = totals.get(kind, (0.0, 0))
         totals[kind] = (ms + t / 1e3, n + e.count)
     print(f"{'kernel kind':<34} {'ms':>8} {'of step':>8} {'launches':>9}")
