@@ -29,6 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:        # CPU-only installs: the loss runs in PyTorch (softcap_ce_chunk)
+    triton = None
+
 # Backends scaled_dot_product_attention may use, best first (None: PyTorch's own choice).
 # train.py sets this on a GPU; see README, Throughput.
 ATTENTION_BACKENDS = None
@@ -217,14 +223,57 @@ def softcap_ce_chunk(z, targets, vocab_size: int, cap: float, with_grad: bool):
     return losses, (dcapped * (1 - t * t)).to(z.dtype)
 
 
+if triton is not None:
+    @triton.jit
+    def softcap_ce_row_kernel(z_ptr, targets_ptr, losses_ptr, dz_ptr, n_cols, vocab_size, cap,
+                              WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        """softcap_ce_chunk for one row held whole in registers: z is read once and dz written
+        once (compiled, the PyTorch version loops over the row twice and reads z twice). Only
+        tanh(z / cap) stays live between the sum and the gradient, so 32 values per thread fit
+        in registers; the gradient recomputes exp in a form the compiler cannot merge with the
+        first one, which would keep a second array alive and spill."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        z = tl.load(z_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z / cap))              # tanh(z / cap)
+        in_vocab = cols < vocab_size
+        sum_exps = tl.sum(tl.where(in_vocab, tl.exp(cap * t - cap), 0.0), axis=0)  # constant shift
+        target = tl.load(targets_ptr + row)
+        picked = tl.sum(tl.where(cols == target, cap * t, 0.0), axis=0)
+        valid = target >= 0
+        lse = tl.log(sum_exps) + cap
+        tl.store(losses_ptr + row, tl.where(valid, lse - picked, 0.0))
+        if WITH_GRAD:
+            probs = tl.where(in_vocab, tl.exp(cap * t - lse), 0.0)
+            dcapped = tl.where(cols == target, probs - 1.0, probs)
+            dz = tl.where(valid, dcapped * (1.0 - t * t), 0.0)
+            tl.store(dz_ptr + row * n_cols + cols, dz.to(dz_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def triton_ce_chunk(z, targets, vocab_size, cap, with_grad):
+    rows, n_cols = z.shape
+    block = triton.next_power_of_2(n_cols)
+    losses = torch.empty(rows, dtype=torch.float32, device=z.device)
+    dz = torch.empty_like(z) if with_grad else losses       # a dummy pointer without grad
+    softcap_ce_row_kernel[(rows,)](z, targets, losses, dz, n_cols, vocab_size, float(cap),
+                                   WITH_GRAD=with_grad, BLOCK=block,
+                                   num_warps=min(32, max(4, block // 1024)))
+    return losses, (dz if with_grad else None)
+
+
 _compiled_ce_chunk = None
 
 
 def ce_chunk(z, targets, vocab_size, cap, with_grad):
-    """On a GPU the chunk math is one compiled (fused) kernel pass instead of ten eager ones."""
+    """On a GPU: the Triton kernel above where a row fits in its registers (padded vocabulary
+    <= 32768; at 50257, 64 values per thread spilled and ran 10x slower than the compiled
+    PyTorch version) and the constant shift is safe; else softcap_ce_chunk, compiled into one
+    fused kernel instead of ten eager ones."""
     global _compiled_ce_chunk
     if not z.is_cuda:
         return softcap_ce_chunk(z, targets, vocab_size, cap, with_grad)
+    if triton is not None and cap <= 40 and z.size(-1) <= 32768 and z.is_contiguous():
+        return triton_ce_chunk(z, targets, vocab_size, cap, with_grad)
     if _compiled_ce_chunk is None:
         _compiled_ce_chunk = torch.compile(softcap_ce_chunk, dynamic=False)
     return _compiled_ce_chunk(z, targets, vocab_size, cap, with_grad)
@@ -246,6 +295,7 @@ def chunked_lm_head_ce(h, weight, targets, vocab_size, cap, with_grad, chunk_row
         if with_grad:
             grad_h[rows] = dz @ w
             grad_w += (dz.t() @ h[rows]).float()
+            del dz    # else the next chunk's logits and dz are allocated while this one lives
     return losses, grad_h, grad_w
 
 
@@ -350,13 +400,16 @@ class Attention(nn.Module):
 
 class ReluSquared(torch.autograd.Function):
     """relu(x)^2 whose backward reads only its output: relu(x) = sqrt(out), so the gradient
-    2 * relu(x) * grad needs nothing else, and the down-projection keeps `out` anyway. Given
-    relu().square(), torch.compile keeps x instead and recomputes out in the backward: one more
-    write of a 4d-wide activation per layer application (336 MB at s=10, device batch 32)."""
+    2 * relu(x) * grad needs nothing else, and the down-projection keeps `out` anyway.
+
+    The square is a multiply, not pow/square: CUDA autocast runs pow in fp32, so `out` came out
+    fp32 and torch.compile then kept x *and* a bf16 copy of out for the backward, two 4d-wide
+    activations per layer application (6.25 GiB at s=10, r=4, device batch 32)."""
 
     @staticmethod
     def forward(ctx, x):
-        out = F.relu(x).square()
+        relu = F.relu(x)
+        out = relu * relu
         ctx.save_for_backward(out)
         return out
 
@@ -561,6 +614,12 @@ class GPT(nn.Module):
         if cache is not None:
             cache.start_pass()
         x = self.embed_norm(self.embedding(idx))
+        if torch.is_autocast_enabled(x.device.type):
+            # Under autocast the residual stream is carried in the autocast dtype (bf16), like the
+            # matmul outputs added to it. Every model then has the same precision: a linear
+            # injection's output is bf16 anyway, so otherwise looped models ran their recurrence
+            # in bf16 and the baseline in fp32. The norms and residual adds also move half the bytes.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         e = self.run_blocks(self.prelude, x, cos, sin, cache)
         h = self.recurrence(e, cos, sin, cache)
         return self.final_norm(self.run_blocks(self.coda, h, cos, sin, cache))
