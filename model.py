@@ -228,23 +228,20 @@ if triton is not None:
     def softcap_ce_row_kernel(z_ptr, targets_ptr, losses_ptr, dz_ptr, n_cols, vocab_size, cap,
                               WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr):
         """softcap_ce_chunk for one row held whole in registers: z is read once and dz written
-        once (compiled, the PyTorch version loops over the row twice and reads z twice). Only
-        tanh(z / cap) stays live between the sum and the gradient, so 32 values per thread fit
-        in registers; the gradient recomputes exp in a form the compiler cannot merge with the
-        first one, which would keep a second array alive and spill."""
+        once, where the compiled PyTorch version loops over the row twice."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         z = tl.load(z_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z / cap))              # tanh(z / cap)
-        in_vocab = cols < vocab_size
-        sum_exps = tl.sum(tl.where(in_vocab, tl.exp(cap * t - cap), 0.0), axis=0)  # constant shift
+        capped = cap * t
+        exps = tl.where(cols < vocab_size, tl.exp(capped - cap), 0.0)   # constant shift, as above
+        sum_exps = tl.sum(exps, axis=0)
         target = tl.load(targets_ptr + row)
-        picked = tl.sum(tl.where(cols == target, cap * t, 0.0), axis=0)
+        picked = tl.sum(tl.where(cols == target, capped, 0.0), axis=0)
         valid = target >= 0
-        lse = tl.log(sum_exps) + cap
-        tl.store(losses_ptr + row, tl.where(valid, lse - picked, 0.0))
+        tl.store(losses_ptr + row, tl.where(valid, tl.log(sum_exps) + cap - picked, 0.0))
         if WITH_GRAD:
-            probs = tl.where(in_vocab, tl.exp(cap * t - lse), 0.0)
+            probs = exps / sum_exps
             dcapped = tl.where(cols == target, probs - 1.0, probs)
             dz = tl.where(valid, dcapped * (1.0 - t * t), 0.0)
             tl.store(dz_ptr + row * n_cols + cols, dz.to(dz_ptr.dtype.element_ty), mask=cols < n_cols)
