@@ -163,6 +163,20 @@ def test_relu_squared_gradient_from_its_output_alone():
     assert torch.allclose(dx_ours, torch.where(x > 0, 2 * x, 0.0) * grad)
 
 
+@pytest.mark.parametrize("r, injection", [(1, "none"), (4, "linear"), (4, "hyperconnect"), (4, "additive")])
+def test_residual_stream_is_in_the_autocast_dtype_for_every_design(r, injection):
+    # The baseline and the looped models that phi compares must share precision: a linear
+    # injection's output is a bf16 matmul output under autocast, so every stream must be bf16.
+    model = GPT(tiny(r=r, injection=injection))
+    seen = []
+    model.recur[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 97, (2, 16)))
+    assert seen and set(seen) == {torch.bfloat16}
+    model(torch.randint(0, 97, (2, 16)))          # without autocast the stream stays fp32
+    assert seen[-1] == torch.float32
+
+
 def test_linear_injection_passes_e_through_at_init():
     model = GPT(tiny())
     e, h = torch.randn(2, 5, model.cfg.d_model), torch.randn(2, 5, model.cfg.d_model)
