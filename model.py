@@ -196,6 +196,9 @@ def flops_per_token(cfg: GPTConfig) -> int:
 # -----------------------------------------------------------------------------
 # Soft-capped cross-entropy, fused with the LM head and computed in row chunks
 
+MAX_CAP_FOR_CONSTANT_SHIFT = 40     # exp(-2 * 40) is still a normal fp32 number
+
+
 def softcap_ce_chunk(z, targets, vocab_size: int, cap: float, with_grad: bool):
     """z: raw logits [rows, V_padded] (any float dtype). Returns per-row losses (fp32, 0 where
     the target is < 0) and, if asked, dloss/dz for the summed loss, in z's dtype (0 on padding)."""
@@ -204,7 +207,7 @@ def softcap_ce_chunk(z, targets, vocab_size: int, cap: float, with_grad: bool):
     # Capped logits lie in [-cap, cap], so exp(capped - cap) lies in [exp(-2 cap), 1]: a constant
     # shift is as safe as logsumexp's row max while fp32 cannot underflow (cap <= 40), and saves
     # the compiled kernel one pass over the row.
-    shift = cap if cap <= 40 else capped.amax(dim=-1, keepdim=True).detach()
+    shift = cap if cap <= MAX_CAP_FOR_CONSTANT_SHIFT else capped.amax(dim=-1, keepdim=True).detach()
     exps = torch.exp(capped - shift)
     if z.size(-1) > vocab_size:      # padded vocabulary entries never win probability
         padding = torch.arange(z.size(-1), device=z.device) >= vocab_size
@@ -269,7 +272,8 @@ def ce_chunk(z, targets, vocab_size, cap, with_grad):
     global _compiled_ce_chunk
     if not z.is_cuda:
         return softcap_ce_chunk(z, targets, vocab_size, cap, with_grad)
-    if triton is not None and cap <= 40 and z.size(-1) <= 32768 and z.is_contiguous():
+    if (triton is not None and cap <= MAX_CAP_FOR_CONSTANT_SHIFT and z.size(-1) <= 32768
+            and z.is_contiguous()):
         return triton_ce_chunk(z, targets, vocab_size, cap, with_grad)
     if _compiled_ce_chunk is None:
         _compiled_ce_chunk = torch.compile(softcap_ce_chunk, dynamic=False)

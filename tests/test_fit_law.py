@@ -356,11 +356,6 @@ def test_cli_end_to_end_json_output(tmp_path):
     assert "Compute-optimal" in result.stdout and "worth" in result.stdout
 
 
-if __name__ == "__main__":
-    # python tests/test_fit_law.py OUT.csv: the noisy 116-run grid, e.g. to time the default CLI
-    write_csv(synthetic_runs(noise=0.01, seed=1), sys.argv[1])
-
-
 def test_matched_compute_pairs_runs_and_reads_each_groups_law(tmp_path):
     # two looped variants on the lower budgets, phi 0.45 (linear) and 0.65 (hyperconnect), no noise:
     # the observed column is the mean loss change over identical (budget, r, width) cells, which we
@@ -389,3 +384,8 @@ def test_matched_compute_pairs_runs_and_reads_each_groups_law(tmp_path):
     assert "At matched compute" in result.stdout
     if importlib.util.find_spec("matplotlib"):          # one iso-FLOP panel per group + the phis
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+if __name__ == "__main__":
+    # python tests/test_fit_law.py OUT.csv: the noisy 116-run grid, e.g. to time the default CLI
+    write_csv(synthetic_runs(noise=0.01, seed=1), sys.argv[1])
