@@ -11,6 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import model as model_lib
 from model import GPT, GPTConfig, HeadRMSNorm, INJECTIONS, ReluSquared, count_params, flops_per_token, width_scale
 
 torch.manual_seed(0)
@@ -161,6 +162,31 @@ def test_relu_squared_gradient_from_its_output_alone():
     ref = torch.where(x > 0, x * x, 0.0)
     assert torch.allclose(ours, ref)
     assert torch.allclose(dx_ours, torch.where(x > 0, 2 * x, 0.0) * grad)
+
+
+def test_fused_mlp_backward_wiring_matches_autograd(monkeypatch):
+    # The GPU kernels (checked against the plain path by scripts/check_gpu_kernels.py) are
+    # replaced by their definitions, so this checks what runs around them on CPU: the three
+    # gradients FusedReluSquaredMLP.backward forms by hand, and their shapes.
+    monkeypatch.setattr(model_lib, "up_relu_squared", lambda x, w: torch.relu(x @ w.t()) ** 2, raising=False)
+    monkeypatch.setattr(model_lib, "relu_squared_input_grad",
+                        lambda dy, w, out: (dy @ w) * 2 * out.sqrt(), raising=False)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w_up = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 5, 16, dtype=torch.float64)
+    ours = model_lib.FusedReluSquaredMLP.apply(x, w_up, w_down)
+    ours_grads = torch.autograd.grad(ours, (x, w_up, w_down), grad)
+    ref = torch.clamp(x @ w_up.t(), min=0).pow(2) @ w_down.t()
+    ref_grads = torch.autograd.grad(ref, (x, w_up, w_down), grad)
+    torch.testing.assert_close(ours, ref)
+    for got, want in zip(ours_grads, ref_grads):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_mlp_is_only_used_on_a_hopper_gpu():
+    assert not model_lib.can_fuse_mlp(torch.randn(4, 64, dtype=torch.bfloat16))
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype")   # rms_norm of a bf16 stream with fp32 gains
