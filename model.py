@@ -316,6 +316,107 @@ class FusedSoftcapCE(torch.autograd.Function):
 
 
 # -----------------------------------------------------------------------------
+# Matmuls with fused epilogues (Hopper GPUs, Triton)
+#
+# The MLP's up-projection feeds relu^2, and in the backward the matmul that forms the gradient of
+# relu^2's output feeds relu^2's derivative: two elementwise passes over the 4d-wide activation.
+# On a Hopper GPU both run in the matmul's epilogue, on the output tile while it is still in
+# registers. Every other device and dtype takes the plain PyTorch path (ReluSquared), which is
+# the reference scripts/check_gpu_kernels.py compares the kernel with.
+
+FUSED_MATMULS = True     # False: the plain path everywhere (to compare the two)
+
+
+@torch.compiler.assume_constant_result
+def is_hopper_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def can_fuse(x) -> bool:
+    """The fused kernel needs Hopper's tensor-memory engine, a 16-bit dtype and 16-byte rows."""
+    return (FUSED_MATMULS and triton is not None and x.is_cuda and is_hopper_or_newer(x.device.index or 0)
+            and x.dtype in (torch.bfloat16, torch.float16) and x.size(-1) % 8 == 0)
+
+
+if triton is not None:
+    @triton.jit
+    def tile_origin(tile, tiles_m, tiles_n, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """First row and column of a persistent program's tile-th [BM, BN] output tile. Tiles are
+        walked GROUP_M tile rows at a time, column by column, so the weight tiles stay in L2."""
+        group_size = GROUP_M * tiles_n
+        first_m = (tile // group_size) * GROUP_M
+        rows_in_group = min(tiles_m - first_m, GROUP_M)
+        return (first_m + (tile % group_size) % rows_in_group) * BM, ((tile % group_size) // rows_in_group) * BN
+
+    def persistent_programs(tiles, device):
+        # Tensor descriptors made on the GPU need scratch memory. It is set here, on the launching
+        # thread, because autograd runs the backward on a thread of its own.
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+
+    @triton.jit
+    def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, M, N, K,
+                          B_IS_WEIGHT: tl.constexpr, GRAD: tl.constexpr, N_PROGRAMS: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+        """out = a @ b, then relu(out)^2 (GRAD False) or out * 2 * sqrt(saved) (GRAD True).
+
+        a [M, K]; b is a Linear weight [N, K] (B_IS_WEIGHT) or a [K, N] matrix. A persistent grid
+        (one program per multiprocessor) walks the output tiles, and every tile moves through
+        Hopper's tensor-memory engine (tensor descriptors)."""
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+        if B_IS_WEIGHT:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
+        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+        saved_desc = tl.make_tensor_descriptor(saved_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, N_PROGRAMS, flatten=True):
+            m, n = tile_origin(tile, tiles_m, tiles_n, BM, BN, GROUP_M)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                b = b_desc.load([n, k]).T if B_IS_WEIGHT else b_desc.load([k, n])
+                acc = tl.dot(a_desc.load([m, k]), b, acc)
+            if GRAD:
+                relu = tl.sqrt(saved_desc.load([m, n]).to(tl.float32))
+                out = (acc * 2.0 * relu).to(out_ptr.dtype.element_ty)
+            else:
+                relu = tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty)
+                out = relu * relu         # rounded like the plain path: relu in bf16, then squared
+            out_desc.store([m, n], out)
+
+    def launch_mlp_matmul(a, b, n_cols, b_is_weight, saved):
+        out = a.new_empty(a.size(0), n_cols)
+        # 128 x 128 x 64 tiles, 4 warps, 4 stages: the fastest of the shapes tried at d = 384,
+        # 640 and 1280 on an H100 (README, Throughput).
+        programs = persistent_programs(triton.cdiv(a.size(0), 128) * triton.cdiv(n_cols, 128), a.device)
+        mlp_matmul_kernel[(programs,)](a, b, out, out if saved is None else saved,
+                                       a.size(0), n_cols, a.size(1), B_IS_WEIGHT=b_is_weight,
+                                       GRAD=saved is not None, N_PROGRAMS=programs,
+                                       BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
+        return out
+
+    # Custom ops, so that torch.compile calls the kernels as they are inside its graphs.
+    @torch.library.custom_op("looped_gpt::up_relu_squared", mutates_args=())
+    def up_relu_squared(x: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+        """relu(x @ w_up.T)^2 for x [M, d], w_up [4d, d]."""
+        return launch_mlp_matmul(x, w_up, w_up.size(0), True, None)
+
+    @up_relu_squared.register_fake
+    def _(x, w_up):
+        return x.new_empty(x.size(0), w_up.size(0))
+
+    @torch.library.custom_op("looped_gpt::relu_squared_input_grad", mutates_args=())
+    def relu_squared_input_grad(dy: torch.Tensor, w_down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The gradient w.r.t. the up-projection's output: (dy @ w_down) * 2 * sqrt(out)."""
+        return launch_mlp_matmul(dy, w_down, w_down.size(1), False, out)
+
+    @relu_squared_input_grad.register_fake
+    def _(dy, w_down, out):
+        return out.new_empty(out.shape)
+
+
+# -----------------------------------------------------------------------------
 # Layers
 
 class RMSNorm(nn.Module):
@@ -420,82 +521,6 @@ class ReluSquared(torch.autograd.Function):
         return 2 * out.sqrt() * grad
 
 
-# On a Hopper GPU the MLP's square and its gradient run inside the matmuls (the Triton kernel
-# below) instead of as two passes of their own over the 4d-wide activation. Set to False to
-# compare with the plain path, which every other device (and dtype) uses.
-FUSED_MLP = True
-
-if triton is not None:
-    @triton.jit
-    def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, M, N, K,
-                          B_IS_WEIGHT: tl.constexpr, GRAD: tl.constexpr, N_PROGRAMS: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-        """out = a @ b, then relu(out)^2 (GRAD False) or out * 2 * sqrt(saved) (GRAD True).
-
-        a [M, K]; b is a Linear weight [N, K] (B_IS_WEIGHT) or a [K, N] matrix. A persistent
-        grid walks [BM, BN] output tiles, GROUP_M tile rows at a time so that b stays in L2, and
-        moves every tile with the Hopper tensor-memory engine (tensor descriptors)."""
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
-        if B_IS_WEIGHT:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
-        else:
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
-        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
-        saved_desc = tl.make_tensor_descriptor(saved_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
-        tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, N_PROGRAMS, flatten=True):
-            group_size = GROUP_M * tiles_n
-            first_m = (tile // group_size) * GROUP_M
-            rows_in_group = min(tiles_m - first_m, GROUP_M)
-            m = (first_m + (tile % group_size) % rows_in_group) * BM
-            n = ((tile % group_size) // rows_in_group) * BN
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in range(0, K, BK):
-                b = b_desc.load([n, k]).T if B_IS_WEIGHT else b_desc.load([k, n])
-                acc = tl.dot(a_desc.load([m, k]), b, acc)
-            if GRAD:
-                relu = tl.sqrt(saved_desc.load([m, n]).to(tl.float32))
-                out = (acc * 2.0 * relu).to(out_ptr.dtype.element_ty)
-            else:
-                relu = tl.maximum(acc, 0.0).to(out_ptr.dtype.element_ty)
-                out = relu * relu         # rounded like the plain path: relu in bf16, then squared
-            out_desc.store([m, n], out)
-
-    def launch_mlp_matmul(a, b, n_cols, b_is_weight, saved):
-        out = a.new_empty(a.size(0), n_cols)
-        # 128 x 128 x 64 tiles, 4 warps, 4 stages: the fastest of the shapes tried at d = 384,
-        # 640 and 1280 on an H100 (the README's Throughput section has the numbers).
-        tiles = triton.cdiv(a.size(0), 128) * triton.cdiv(n_cols, 128)
-        n_programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
-        # Tensor descriptors made on the GPU need scratch memory; set here, on the launching
-        # thread, because autograd runs the backward on a thread of its own.
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=a.device))
-        mlp_matmul_kernel[(n_programs,)](a, b, out, out if saved is None else saved,
-                                         a.size(0), n_cols, a.size(1), B_IS_WEIGHT=b_is_weight,
-                                         GRAD=saved is not None, N_PROGRAMS=n_programs,
-                                         BM=128, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4)
-        return out
-
-    # Custom ops, so that torch.compile calls the kernels as they are inside its graphs.
-    @torch.library.custom_op("looped_gpt::up_relu_squared", mutates_args=())
-    def up_relu_squared(x: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-        """relu(x @ w_up.T)^2 for x [M, d], w_up [4d, d]."""
-        return launch_mlp_matmul(x, w_up, w_up.size(0), True, None)
-
-    @up_relu_squared.register_fake
-    def _(x, w_up):
-        return x.new_empty(x.size(0), w_up.size(0))
-
-    @torch.library.custom_op("looped_gpt::relu_squared_input_grad", mutates_args=())
-    def relu_squared_input_grad(dy: torch.Tensor, w_down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The gradient w.r.t. the up-projection's output: (dy @ w_down) * 2 * sqrt(out)."""
-        return launch_mlp_matmul(dy, w_down, w_down.size(1), False, out)
-
-    @relu_squared_input_grad.register_fake
-    def _(dy, w_down, out):
-        return out.new_empty(out.shape)
-
-
 class FusedReluSquaredMLP(torch.autograd.Function):
     """down(relu(up(x))^2) with the square in the up-projection's matmul and its gradient in the
     matmul that forms it. Saves what the plain path saves: x and relu(up(x))^2."""
@@ -515,17 +540,6 @@ class FusedReluSquaredMLP(torch.autograd.Function):
         return (d_up @ w_up).view(dy.shape), d_up.t() @ flat, flat_dy.t() @ out
 
 
-@torch.compiler.assume_constant_result
-def is_hopper_or_newer(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def can_fuse_mlp(x) -> bool:
-    """The fused kernel needs Hopper's tensor-memory engine, a 16-bit dtype and 16-byte rows."""
-    return (FUSED_MLP and triton is not None and x.is_cuda and is_hopper_or_newer(x.device.index or 0)
-            and x.dtype in (torch.bfloat16, torch.float16) and x.size(-1) % 8 == 0)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -535,7 +549,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if torch.is_autocast_enabled(x.device.type):     # the custom ops are not autocast-aware
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        if can_fuse_mlp(x):
+        if can_fuse(x):
             return FusedReluSquaredMLP.apply(x.contiguous(), self.up.weight.to(x.dtype),
                                              self.down.weight.to(x.dtype))
         return self.down(ReluSquared.apply(self.up(x)))

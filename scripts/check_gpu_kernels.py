@@ -1,4 +1,5 @@
-"""GPU-only checks of model.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy and the fused relu^2 MLP.
+"""GPU-only checks of model.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy and
+the MLP's matmuls with relu^2 fused into them.
 
     python scripts/check_gpu_kernels.py
 
@@ -55,7 +56,7 @@ def check_mlp(rows, d):
     dy = torch.randn(rows, d, device="cuda")
     results = {}
     for fused in (False, True):
-        model.FUSED_MLP = fused
+        model.FUSED_MATMULS = fused
 
         def fwd_bwd():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -67,7 +68,7 @@ def check_mlp(rows, d):
         y = fwd_bwd()
         results[fused] = [t.float() for t in (y, x.grad, mlp.up.weight.grad, mlp.down.weight.grad)]
         results[fused].append(gpu_ms(fwd_bwd))
-    model.FUSED_MLP = True
+    model.FUSED_MATMULS = True
     errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(results[True][:4], results[False][:4])]
     ok = max(errors) < 2e-2     # bf16 outputs; the fused kernel rounds once less in the gradient
     print(f"mlp rows {rows:>5} d {d:>4}: max relative error y / dx / dW_up / dW_down "

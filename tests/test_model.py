@@ -186,7 +186,7 @@ def test_fused_mlp_backward_wiring_matches_autograd(monkeypatch):
 
 
 def test_fused_mlp_is_only_used_on_a_hopper_gpu():
-    assert not model_lib.can_fuse_mlp(torch.randn(4, 64, dtype=torch.bfloat16))
+    assert not model_lib.can_fuse(torch.randn(4, 64, dtype=torch.bfloat16))
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype")   # rms_norm of a bf16 stream with fp32 gains
