@@ -333,7 +333,7 @@ def is_hopper_or_newer(device_index: int) -> bool:
 
 
 # Below this width the fused MLP is not faster. In the mini grid's shape on an H100 (README,
-# Throughput; single 10-step benches, about +-5% noise) d = 192 lost 17%, d = 256 lost 2.5%
+# Throughput; single 10-step benches, about +-6% noise) d = 192 lost 17%, d = 256 lost 2.5%
 # and d = 320 gained 6.5%: the matmuls are short there, and each launch of the custom op costs
 # host time.
 MIN_FUSED_WIDTH = 320
