@@ -356,12 +356,6 @@ if triton is not None:
         rows_in_group = min(tiles_m - first_m, GROUP_M)
         return (first_m + (tile % group_size) % rows_in_group) * BM, ((tile % group_size) // rows_in_group) * BN
 
-    def persistent_programs(tiles, device):
-        # Tensor descriptors made on the GPU need scratch memory. It is set here, on the launching
-        # thread, because autograd runs the backward on a thread of its own.
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
-
     @triton.jit
     def mlp_matmul_kernel(a_ptr, b_ptr, out_ptr, saved_ptr, M, N, K,
                           B_IS_WEIGHT: tl.constexpr, GRAD: tl.constexpr, N_PROGRAMS: tl.constexpr,
@@ -395,9 +389,13 @@ if triton is not None:
 
     def launch_mlp_matmul(a, b, n_cols, b_is_weight, saved):
         out = a.new_empty(a.size(0), n_cols)
+        # Tensor descriptors made on the GPU need scratch memory. It is set here, on the launching
+        # thread, because autograd runs the backward on a thread of its own.
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=a.device))
         # 128 x 128 x 64 tiles, 4 warps, 4 stages: the fastest of the shapes tried at d = 384,
-        # 640 and 1280 on an H100 (README, Throughput).
-        programs = persistent_programs(triton.cdiv(a.size(0), 128) * triton.cdiv(n_cols, 128), a.device)
+        # 640 and 1280 on an H100 (README, Throughput). One program per multiprocessor.
+        tiles = triton.cdiv(a.size(0), 128) * triton.cdiv(n_cols, 128)
+        programs = min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
         mlp_matmul_kernel[(programs,)](a, b, out, out if saved is None else saved,
                                        a.size(0), n_cols, a.size(1), B_IS_WEIGHT=b_is_weight,
                                        GRAD=saved is not None, N_PROGRAMS=programs,
@@ -548,6 +546,13 @@ class FusedReluSquaredMLP(torch.autograd.Function):
         return (d_up @ w_up).view(dy.shape), d_up.t() @ flat, flat_dy.t() @ out
 
 
+def to_autocast_dtype(x):
+    """x in autocast's dtype while autocast is on for its device; else x unchanged."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -555,8 +560,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x):
-        if torch.is_autocast_enabled(x.device.type):     # the custom ops are not autocast-aware
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = to_autocast_dtype(x)      # the custom ops are not autocast-aware
         if can_fuse(x):
             return FusedReluSquaredMLP.apply(x.contiguous(), self.up.weight.to(x.dtype),
                                              self.down.weight.to(x.dtype))
@@ -747,13 +751,11 @@ class GPT(nn.Module):
         sin = self.rotary_sin[start:start + T]
         if cache is not None:
             cache.start_pass()
-        x = self.embed_norm(self.embedding(idx))
-        if torch.is_autocast_enabled(x.device.type):
-            # Under autocast the residual stream is carried in the autocast dtype (bf16), like the
-            # matmul outputs added to it. Every model then has the same precision: a linear
-            # injection's output is bf16 anyway, so otherwise looped models ran their recurrence
-            # in bf16 and the baseline in fp32. The norms and residual adds also move half the bytes.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        # Under autocast the residual stream is carried in the autocast dtype (bf16), like the
+        # matmul outputs added to it. Every model then has the same precision: a linear
+        # injection's output is bf16 anyway, so otherwise looped models ran their recurrence
+        # in bf16 and the baseline in fp32. The norms and residual adds also move half the bytes.
+        x = to_autocast_dtype(self.embed_norm(self.embedding(idx)))
         e = self.run_blocks(self.prelude, x, cos, sin, cache)
         h = self.recurrence(e, cos, sin, cache)
         return self.final_norm(self.run_blocks(self.coda, h, cos, sin, cache))

@@ -37,7 +37,7 @@ def timed(fn, repeats):
 
 KERNEL_KINDS = (   # (kind, lower-case substrings of the kernel name), first match wins
     ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
-    ("matmul", ("nvjet", "gemm", "sm90_xmma", "cutlass", "triton_tem")),
+    ("matmul", ("nvjet", "gemm", "sm90_xmma", "cutlass", "triton_tem", "mlp_matmul")),
     ("fused elementwise/norm (triton)", ("triton_",)),
     ("copies and fills", ("copy", "fill", "memset", "memcpy", "cat")),
 )
