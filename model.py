@@ -39,6 +39,10 @@ except ImportError:        # CPU-only installs: the loss runs in PyTorch (softca
 # train.py sets this on a GPU; see README, Throughput.
 ATTENTION_BACKENDS = None
 
+# On a GPU the loss, rotary + QK-norm and the MLP run through the Triton kernels below. False:
+# the plain PyTorch path everywhere, the reference they are compared with.
+FUSED_KERNELS = True
+
 INJECTIONS = ("linear", "additive", "none", "hyperconnect")
 
 
@@ -285,7 +289,7 @@ def ce_chunk(z, targets, vocab_size, cap, with_grad):
     global _compiled_ce_chunk
     if not z.is_cuda:
         return softcap_ce_chunk(z, targets, vocab_size, cap, with_grad)
-    if triton is not None and cap <= MAX_CAP_FOR_CONSTANT_SHIFT and z.is_contiguous():
+    if FUSED_KERNELS and triton is not None and cap <= MAX_CAP_FOR_CONSTANT_SHIFT and z.is_contiguous():
         return triton_ce_chunk(z, targets, vocab_size, cap, with_grad)
     if _compiled_ce_chunk is None:
         _compiled_ce_chunk = torch.compile(softcap_ce_chunk, dynamic=False)
@@ -349,9 +353,6 @@ class FusedSoftcapCE(torch.autograd.Function):
 # registers. Every other device and dtype takes the plain PyTorch path (ReluSquared), which is
 # the reference scripts/check_gpu_kernels.py compares the kernel with.
 
-FUSED_MATMULS = True     # False: the plain path everywhere (to compare the two)
-
-
 @torch.compiler.assume_constant_result
 def is_hopper_or_newer(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
@@ -366,7 +367,7 @@ MIN_FUSED_WIDTH = 320
 
 def can_fuse(x) -> bool:
     """The fused kernel needs Hopper's tensor-memory engine, a 16-bit dtype and 16-byte rows."""
-    return (FUSED_MATMULS and triton is not None and x.is_cuda and is_hopper_or_newer(x.device.index or 0)
+    return (FUSED_KERNELS and triton is not None and x.is_cuda and is_hopper_or_newer(x.device.index or 0)
             and x.dtype in (torch.bfloat16, torch.float16) and x.size(-1) % 8 == 0
             and x.size(-1) >= MIN_FUSED_WIDTH)
 
@@ -448,6 +449,173 @@ if triton is not None:
 
 
 # -----------------------------------------------------------------------------
+# Rotary embedding and QK-norm in one pass (GPUs, Triton)
+#
+# Between the q/k/v matmul and attention, q and k are rotated and RMS-normed per head, and v is
+# copied out of the packed qkv (attention keeps v; a view would keep all of qkv). Compiled
+# PyTorch ran this at about 2 TB/s, as four kernels over forward and backward. Here it is one
+# kernel each way: forward reads qkv once and writes q, k, v; backward reads their gradients and
+# q, k, and writes the packed gradient of qkv the matmul's backward needs.
+
+QK_NORM_EPS = 1e-6
+
+
+def can_fuse_rotary(qkv, head_dim: int) -> bool:
+    return (FUSED_KERNELS and triton is not None and qkv.is_cuda and qkv.is_contiguous()
+            and head_dim >= 2 and head_dim & (head_dim - 1) == 0)      # a power of two
+
+
+if triton is not None:
+    @triton.jit
+    def head_rows(block, n_rows, n_head, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """The block-th BLOCK (token, head) rows: their token, head, column offsets within a
+        half-head, and mask."""
+        rows = block * BLOCK + tl.arange(0, BLOCK)
+        return rows // n_head, rows % n_head, tl.arange(0, HALF)[None, :], (rows < n_rows)[:, None]
+
+    @triton.jit
+    def rotate_and_norm(qkv_ptr, y_ptr, rstd_ptr, cos_ptr, sin_ptr, n_rows, seq_len, n_head, part,
+                        eps, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """q (part 0) or k (part 1) rows of qkv: rotate each head's two halves as pairs, divide by
+        the head's rms (a rotation keeps the norm, so it is taken from x) into y [rows, 2 HALF]."""
+        token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
+        d = n_head * 2 * HALF
+        src = qkv_ptr + (token.to(tl.int64) * 3 * d + part * d + head * 2 * HALF)[:, None] + cols
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        angle = ((token % seq_len) * HALF)[:, None] + cols
+        cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+        dst = y_ptr + ((token.to(tl.int64) * n_head + head) * 2 * HALF)[:, None] + cols
+        tl.store(dst, ((x1 * cos - x2 * sin) * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, ((x1 * sin + x2 * cos) * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(rstd_ptr + part * n_rows + rows, rstd, mask=rows < n_rows)
+
+    @triton.jit
+    def unrotate_norm_grad(dy_ptr, y_ptr, rstd_ptr, dqkv_ptr, cos_ptr, sin_ptr, n_rows, seq_len,
+                           n_head, part, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """rotate_and_norm's backward for one part: with y the output, the norm's gradient is
+        dr = rstd * (dy - y * mean(dy * y)); the rotation's is the opposite rotation of dr."""
+        token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        at = ((token.to(tl.int64) * n_head + head) * 2 * HALF)[:, None] + cols
+        dy1 = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dy2 = tl.load(dy_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1 = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y2 = tl.load(y_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + part * n_rows + rows, mask=rows < n_rows, other=0.0)[:, None]
+        mean_dy_y = ((tl.sum(dy1 * y1, axis=1) + tl.sum(dy2 * y2, axis=1)) / (2 * HALF))[:, None]
+        dr1, dr2 = rstd * (dy1 - y1 * mean_dy_y), rstd * (dy2 - y2 * mean_dy_y)
+        angle = ((token % seq_len) * HALF)[:, None] + cols
+        cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
+        sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+        d = n_head * 2 * HALF
+        dst = dqkv_ptr + (token.to(tl.int64) * 3 * d + part * d + head * 2 * HALF)[:, None] + cols
+        tl.store(dst, (dr1 * cos + dr2 * sin).to(dqkv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, (dr2 * cos - dr1 * sin).to(dqkv_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def copy_head_rows(src_ptr, src_row, src_offset, dst_ptr, dst_row, dst_offset, n_rows, n_head,
+                       HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """v out of qkv, or its gradient into dqkv: each (token, head) row from src to dst, whose
+        tokens are src_row / dst_row apart and whose heads start src_offset / dst_offset in."""
+        token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
+        within = (head * 2 * HALF)[:, None] + tl.arange(0, 2 * HALF)[None, :]
+        src = src_ptr + (token.to(tl.int64) * src_row + src_offset)[:, None] + within
+        dst = dst_ptr + (token.to(tl.int64) * dst_row + dst_offset)[:, None] + within
+        tl.store(dst, tl.load(src, mask=mask), mask=mask)
+
+    @triton.jit
+    def rotary_qk_norm_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, rstd_ptr, n_rows,
+                              seq_len, n_head, eps, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        part = tl.program_id(1)                         # 0: q, 1: k, 2: v
+        d = n_head * 2 * HALF
+        if part == 0:
+            rotate_and_norm(qkv_ptr, q_ptr, rstd_ptr, cos_ptr, sin_ptr, n_rows, seq_len, n_head, 0,
+                            eps, HALF, BLOCK)
+        elif part == 1:
+            rotate_and_norm(qkv_ptr, k_ptr, rstd_ptr, cos_ptr, sin_ptr, n_rows, seq_len, n_head, 1,
+                            eps, HALF, BLOCK)
+        else:
+            copy_head_rows(qkv_ptr, 3 * d, 2 * d, v_ptr, d, 0, n_rows, n_head, HALF, BLOCK)
+
+    @triton.jit
+    def rotary_qk_norm_backward_kernel(dq_ptr, dk_ptr, dv_ptr, q_ptr, k_ptr, rstd_ptr, cos_ptr,
+                                       sin_ptr, dqkv_ptr, n_rows, seq_len, n_head,
+                                       HALF: tl.constexpr, BLOCK: tl.constexpr):
+        part = tl.program_id(1)
+        d = n_head * 2 * HALF
+        if part == 0:
+            unrotate_norm_grad(dq_ptr, q_ptr, rstd_ptr, dqkv_ptr, cos_ptr, sin_ptr, n_rows, seq_len,
+                               n_head, 0, HALF, BLOCK)
+        elif part == 1:
+            unrotate_norm_grad(dk_ptr, k_ptr, rstd_ptr, dqkv_ptr, cos_ptr, sin_ptr, n_rows, seq_len,
+                               n_head, 1, HALF, BLOCK)
+        else:
+            copy_head_rows(dv_ptr, d, 0, dqkv_ptr, 3 * d, 2 * d, n_rows, n_head, HALF, BLOCK)
+
+    ROTARY_ROWS_PER_PROGRAM = 64
+
+    def rotary_grid(n_rows):
+        return (triton.cdiv(n_rows, ROTARY_ROWS_PER_PROGRAM), 3)
+
+    @torch.library.custom_op("looped_gpt::rotary_qk_norm", mutates_args=())
+    def rotary_qk_norm(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [B, T, 3d] -> q, k (rotated, RMS-normed per head), v, each [B, T, H, hd], and
+        1/rms [2, B*T*H] of q's and k's heads."""
+        B, T, _ = qkv.shape
+        q, k, v = (qkv.new_empty(B, T, n_head, qkv.size(-1) // 3 // n_head) for _ in range(3))
+        rstd = qkv.new_empty(2, B * T * n_head, dtype=torch.float32)
+        rotary_qk_norm_kernel[rotary_grid(B * T * n_head)](
+            qkv, cos, sin, q, k, v, rstd, B * T * n_head, T, n_head, QK_NORM_EPS,
+            HALF=q.size(-1) // 2, BLOCK=ROTARY_ROWS_PER_PROGRAM, num_warps=4)
+        return q, k, v, rstd
+
+    @rotary_qk_norm.register_fake
+    def _(qkv, cos, sin, n_head):
+        B, T, _ = qkv.shape
+        q, k, v = (qkv.new_empty(B, T, n_head, qkv.size(-1) // 3 // n_head) for _ in range(3))
+        return q, k, v, qkv.new_empty(2, B * T * n_head, dtype=torch.float32)
+
+    @torch.library.custom_op("looped_gpt::rotary_qk_norm_backward", mutates_args=())
+    def rotary_qk_norm_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor,
+                                k: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
+                                sin: torch.Tensor) -> torch.Tensor:
+        """The gradient of rotary_qk_norm's qkv [B, T, 3d] from those of q, k, v [B, T, H, hd]."""
+        B, T, n_head, head_dim = q.shape
+        dqkv = dq.new_empty(B, T, 3 * n_head * head_dim)
+        rotary_qk_norm_backward_kernel[rotary_grid(B * T * n_head)](
+            dq, dk, dv, q, k, rstd, cos, sin, dqkv, B * T * n_head, T, n_head,
+            HALF=head_dim // 2, BLOCK=ROTARY_ROWS_PER_PROGRAM, num_warps=4)
+        return dqkv
+
+    @rotary_qk_norm_backward.register_fake
+    def _(dq, dk, dv, q, k, rstd, cos, sin):
+        B, T, n_head, head_dim = q.shape
+        return dq.new_empty(B, T, 3 * n_head * head_dim)
+
+
+class RotaryQKNorm(torch.autograd.Function):
+    """qkv [B, T, 3d] -> q, k, v [B, T, H, hd] with the rotary embedding and QK-norm applied to
+    q and k, through the kernels above. Keeps q, k (attention keeps them anyway) and 1/rms."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_head):
+        q, k, v, rstd = rotary_qk_norm(qkv, cos, sin, n_head)
+        ctx.save_for_backward(q, k, rstd, cos, sin)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        q, k, rstd, cos, sin = ctx.saved_tensors
+        dqkv = rotary_qk_norm_backward(dq.contiguous(), dk.contiguous(), dv.contiguous(), q, k, rstd, cos, sin)
+        return dqkv, None, None, None
+
+
+# -----------------------------------------------------------------------------
 # Layers
 
 class RMSNorm(nn.Module):
@@ -511,11 +679,14 @@ class Attention(nn.Module):
         # q, k and v stay three matrices (the optimizer orthogonalises each on its own) but run
         # as one matmul: a 3x wider output keeps the GPU's matmul units busier than three calls.
         qkv = F.linear(x, torch.cat((self.q.weight, self.k.weight, self.v.weight)))
-        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        # QK-norm after rotary: parameter-free RMSNorm over each head.
-        q = HeadRMSNorm.apply(apply_rotary(q, cos, sin), 1e-6)
-        k = HeadRMSNorm.apply(apply_rotary(k, cos, sin), 1e-6)
-        v = v.contiguous()    # attention keeps v for its backward; a view would keep all of qkv
+        if can_fuse_rotary(qkv, self.head_dim):
+            q, k, v = RotaryQKNorm.apply(qkv, cos, sin, self.n_head)
+        else:
+            q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+            # QK-norm after rotary: parameter-free RMSNorm over each head.
+            q = HeadRMSNorm.apply(apply_rotary(q, cos, sin), QK_NORM_EPS)
+            k = HeadRMSNorm.apply(apply_rotary(k, cos, sin), QK_NORM_EPS)
+            v = v.contiguous()    # attention keeps v for its backward; a view would keep all of qkv
         # Heads stay laid out [B, T, H, hd] in memory and are only viewed as [B, H, T, hd]: the
         # attention kernel writes its output (and its backward the gradients) in its inputs'
         # layout, so the output projection reads it without a transposing copy.

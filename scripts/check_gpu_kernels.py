@@ -1,5 +1,5 @@
-"""GPU-only checks of model.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy and
-the MLP's matmuls with relu^2 fused into them.
+"""GPU-only checks of model.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy,
+the one-pass rotary + QK-norm, and the MLP's matmuls with relu^2 fused into them.
 
     python scripts/check_gpu_kernels.py
 
@@ -57,7 +57,7 @@ def check_mlp(rows, d):
     dy = torch.randn(rows, d, device="cuda")
     results = {}
     for fused in (False, True):
-        model.FUSED_MATMULS = fused
+        model.FUSED_KERNELS = fused
 
         def fwd_bwd():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -69,7 +69,7 @@ def check_mlp(rows, d):
         y = fwd_bwd()
         results[fused] = [t.float() for t in (y, x.grad, mlp.up.weight.grad, mlp.down.weight.grad)]
         results[fused].append(gpu_ms(fwd_bwd))
-    model.FUSED_MATMULS = True
+    model.FUSED_KERNELS = True
     errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(results[True][:4], results[False][:4])]
     ok = max(errors) < 2e-2     # bf16 outputs; the fused kernel rounds once less in the gradient
     print(f"mlp rows {rows:>5} d {d:>4}: max relative error y / dx / dW_up / dW_down "
@@ -78,10 +78,42 @@ def check_mlp(rows, d):
     return ok
 
 
+def check_rotary(B, T, n_head, head_dim):
+    """The one-pass rotary + QK-norm (RotaryQKNorm) against the plain path, outputs and the
+    gradient of qkv; timed against the plain path compiled, forward + backward."""
+    torch.manual_seed(0)
+    qkv = torch.randn(B, T, 3 * n_head * head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grads = [torch.randn(B, T, n_head, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    cos, sin = (t.cuda() for t in model.rotary_tables(T, head_dim))
+
+    def plain(qkv):
+        q, k, v = qkv.view(B, T, 3, n_head, head_dim).unbind(2)
+        return (model.HeadRMSNorm.apply(model.apply_rotary(q, cos, sin), model.QK_NORM_EPS),
+                model.HeadRMSNorm.apply(model.apply_rotary(k, cos, sin), model.QK_NORM_EPS), v.contiguous())
+
+    def fused(qkv):
+        return model.RotaryQKNorm.apply(qkv, cos, sin, n_head)
+
+    def fwd_bwd(fn):
+        outs = fn(qkv)
+        return [*outs, torch.autograd.grad(outs, qkv, grads)[0]]
+    results = {name: fwd_bwd(fn) for name, fn in (("plain", plain), ("fused", fused))}
+    errors = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+              for a, b in zip(results["fused"], results["plain"])]
+    ok = max(errors) < 2e-2     # bf16 outputs; the plain path rounds the rotation to bf16 first
+    compiled = torch.compile(plain, dynamic=False)
+    t_fused, t_plain = gpu_ms(lambda: fwd_bwd(fused)), gpu_ms(lambda: fwd_bwd(compiled))
+    print(f"rotary B {B} T {T} heads {n_head} x {head_dim}: max relative error q / k / v / dqkv "
+          f"{' / '.join(f'{e:.1e}' for e in errors)}  fused {t_fused:.3f} ms  compiled plain "
+          f"{t_plain:.3f} ms (forward + backward)  {'ok' if ok else 'FAIL'}")
+    return ok
+
+
 def main():
     if not torch.cuda.is_available() or model.triton is None:
         sys.exit("check_gpu_kernels.py needs a CUDA GPU and triton")
     results = [check(8192, 32001), check(32768, 8192), check(4096, 50257)]
+    results += [check_rotary(32, 2048, 10, 64), check_rotary(32, 2048, 6, 64), check_rotary(3, 100, 2, 32)]
     if torch.cuda.get_device_capability()[0] >= 9:
         results += [check_mlp(65536, 640), check_mlp(1000, 384), check_mlp(4096, 1280)]
     sys.exit(0 if all(results) else 1)
