@@ -194,14 +194,20 @@ POLAR_EXPRESS = [
 def orthogonalize(G, dtype=torch.bfloat16):
     """Polar Express: an approximate U V^T of a (stack of) matrices G = U S V^T."""
     X = G.to(dtype)
+    single = X.dim() == 2
+    if single:
+        X = X.unsqueeze(0)
     tall = X.size(-2) > X.size(-1)
     if tall:                               # iterate on the smaller Gram matrix
         X = X.mT
     X = X / (1.02 * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for a, b, c in POLAR_EXPRESS:
         A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
-    return X.mT if tall else X
+        # X <- a X + (b A + c A^2) X, the sums done in the matmuls (one rounding, fewer passes)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X.mT if tall else X
+    return X[0] if single else X
 
 
 class MuonH(torch.optim.Optimizer):
@@ -255,10 +261,11 @@ class MuonH(torch.optim.Optimizer):
     def new_matrices(self, params, nesterov, lr):
         """The stacked updated matrices (in the params' dtype) of one same-shape group."""
         radius = torch.stack([self.state[p]["radius"] for p in params]).view(-1, 1, 1)
-        U = orthogonalize(torch.stack(nesterov), self.ortho_dtype).float()
-        U = U * (radius / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
-        W = torch.stack(params).float() - lr * U
-        W = W * (radius / W.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
+        U = orthogonalize(torch.stack(nesterov), self.ortho_dtype)
+        # W - lr * radius * U / |U|, then back onto the sphere; in place on one fp32 copy
+        W = torch.stack(params).float()
+        W.addcmul_(U, -lr * radius / U.norm(dim=(-2, -1), keepdim=True, dtype=torch.float32).clamp_min(1e-12))
+        W.mul_(radius / W.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-12))
         return W.to(params[0].dtype)
 
 
