@@ -468,17 +468,17 @@ def can_fuse_rotary(qkv, head_dim: int) -> bool:
 if triton is not None:
     @triton.jit
     def head_rows(block, n_rows, n_head, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        """The block-th BLOCK (token, head) rows: their token, head, column offsets within a
-        half-head, and mask."""
+        """The block-th BLOCK (token, head) rows: their index, token, head, column offsets
+        within a half-head, and mask."""
         rows = block * BLOCK + tl.arange(0, BLOCK)
-        return rows // n_head, rows % n_head, tl.arange(0, HALF)[None, :], (rows < n_rows)[:, None]
+        return rows, rows // n_head, rows % n_head, tl.arange(0, HALF)[None, :], (rows < n_rows)[:, None]
 
     @triton.jit
     def rotate_and_norm(qkv_ptr, y_ptr, rstd_ptr, cos_ptr, sin_ptr, n_rows, seq_len, n_head, part,
                         eps, HALF: tl.constexpr, BLOCK: tl.constexpr):
         """q (part 0) or k (part 1) rows of qkv: rotate each head's two halves as pairs, divide by
         the head's rms (a rotation keeps the norm, so it is taken from x) into y [rows, 2 HALF]."""
-        token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
+        rows, token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
         d = n_head * 2 * HALF
         src = qkv_ptr + (token.to(tl.int64) * 3 * d + part * d + head * 2 * HALF)[:, None] + cols
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
@@ -490,7 +490,6 @@ if triton is not None:
         dst = y_ptr + ((token.to(tl.int64) * n_head + head) * 2 * HALF)[:, None] + cols
         tl.store(dst, ((x1 * cos - x2 * sin) * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + HALF, ((x1 * sin + x2 * cos) * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(rstd_ptr + part * n_rows + rows, rstd, mask=rows < n_rows)
 
     @triton.jit
@@ -498,8 +497,7 @@ if triton is not None:
                            n_head, part, HALF: tl.constexpr, BLOCK: tl.constexpr):
         """rotate_and_norm's backward for one part: with y the output, the norm's gradient is
         dr = rstd * (dy - y * mean(dy * y)); the rotation's is the opposite rotation of dr."""
-        token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rows, token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
         at = ((token.to(tl.int64) * n_head + head) * 2 * HALF)[:, None] + cols
         dy1 = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
         dy2 = tl.load(dy_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -521,7 +519,7 @@ if triton is not None:
                        HALF: tl.constexpr, BLOCK: tl.constexpr):
         """v out of qkv, or its gradient into dqkv: each (token, head) row from src to dst, whose
         tokens are src_row / dst_row apart and whose heads start src_offset / dst_offset in."""
-        token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
+        _, token, head, _, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
         within = (head * 2 * HALF)[:, None] + tl.arange(0, 2 * HALF)[None, :]
         src = src_ptr + (token.to(tl.int64) * src_row + src_offset)[:, None] + within
         dst = dst_ptr + (token.to(tl.int64) * dst_row + dst_offset)[:, None] + within
@@ -611,8 +609,8 @@ class RotaryQKNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         q, k, rstd, cos, sin = ctx.saved_tensors
-        dqkv = rotary_qk_norm_backward(dq.contiguous(), dk.contiguous(), dv.contiguous(), q, k, rstd, cos, sin)
-        return dqkv, None, None, None
+        dq, dk, dv = (g.contiguous() for g in (dq, dk, dv))
+        return rotary_qk_norm_backward(dq, dk, dv, q, k, rstd, cos, sin), None, None, None
 
 
 # -----------------------------------------------------------------------------

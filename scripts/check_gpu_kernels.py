@@ -6,7 +6,9 @@ model's gradients with all of them on.
 
 Compares triton_ce_chunk with the PyTorch reference softcap_ce_chunk (run eagerly in fp32) on
 random bf16 logits, for the paper's vocabulary, the mini grid's and GPT-2's (50,257), with some
-ignored targets; then times it against the compiled PyTorch version. Exits 1 if an error is too large.
+ignored targets; the other kernels with their plain PyTorch paths. Exits 1 if an error is too
+large. The timings are wall clock over eager calls: at small shapes they are mostly the host's
+launch cost (scripts/profile_step.py gives the kernels' own times inside a training step).
 """
 import os
 import sys
