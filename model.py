@@ -474,6 +474,12 @@ if triton is not None:
         return rows, rows // n_head, rows % n_head, tl.arange(0, HALF)[None, :], (rows < n_rows)[:, None]
 
     @triton.jit
+    def rotation(cos_ptr, sin_ptr, token, seq_len, cols, mask, HALF: tl.constexpr):
+        """cos and sin of each row's position, [rows, HALF]."""
+        angle = ((token % seq_len) * HALF)[:, None] + cols
+        return tl.load(cos_ptr + angle, mask=mask, other=0.0), tl.load(sin_ptr + angle, mask=mask, other=0.0)
+
+    @triton.jit
     def rotate_and_norm(qkv_ptr, y_ptr, rstd_ptr, cos_ptr, sin_ptr, n_rows, seq_len, n_head, part,
                         eps, HALF: tl.constexpr, BLOCK: tl.constexpr):
         """q (part 0) or k (part 1) rows of qkv: rotate each head's two halves as pairs, divide by
@@ -483,11 +489,9 @@ if triton is not None:
         src = qkv_ptr + (token.to(tl.int64) * 3 * d + part * d + head * 2 * HALF)[:, None] + cols
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        angle = ((token % seq_len) * HALF)[:, None] + cols
-        cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+        cos, sin = rotation(cos_ptr, sin_ptr, token, seq_len, cols, mask, HALF)
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
-        dst = y_ptr + ((token.to(tl.int64) * n_head + head) * 2 * HALF)[:, None] + cols
+        dst = y_ptr + (rows.to(tl.int64) * 2 * HALF)[:, None] + cols
         tl.store(dst, ((x1 * cos - x2 * sin) * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + HALF, ((x1 * sin + x2 * cos) * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + part * n_rows + rows, rstd, mask=rows < n_rows)
@@ -498,7 +502,7 @@ if triton is not None:
         """rotate_and_norm's backward for one part: with y the output, the norm's gradient is
         dr = rstd * (dy - y * mean(dy * y)); the rotation's is the opposite rotation of dr."""
         rows, token, head, cols, mask = head_rows(tl.program_id(0), n_rows, n_head, HALF, BLOCK)
-        at = ((token.to(tl.int64) * n_head + head) * 2 * HALF)[:, None] + cols
+        at = (rows.to(tl.int64) * 2 * HALF)[:, None] + cols
         dy1 = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
         dy2 = tl.load(dy_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
         y1 = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
@@ -506,9 +510,7 @@ if triton is not None:
         rstd = tl.load(rstd_ptr + part * n_rows + rows, mask=rows < n_rows, other=0.0)[:, None]
         mean_dy_y = ((tl.sum(dy1 * y1, axis=1) + tl.sum(dy2 * y2, axis=1)) / (2 * HALF))[:, None]
         dr1, dr2 = rstd * (dy1 - y1 * mean_dy_y), rstd * (dy2 - y2 * mean_dy_y)
-        angle = ((token % seq_len) * HALF)[:, None] + cols
-        cos = tl.load(cos_ptr + angle, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + angle, mask=mask, other=0.0)
+        cos, sin = rotation(cos_ptr, sin_ptr, token, seq_len, cols, mask, HALF)
         d = n_head * 2 * HALF
         dst = dqkv_ptr + (token.to(tl.int64) * 3 * d + part * d + head * 2 * HALF)[:, None] + cols
         tl.store(dst, (dr1 * cos + dr2 * sin).to(dqkv_ptr.dtype.element_ty), mask=mask)
@@ -662,6 +664,19 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def rotated_normed_heads(qkv, cos, sin, n_head):
+    """qkv [B, T, 3d] -> q, k, v [B, T, H, hd], with the rotary embedding and QK-norm (a
+    parameter-free RMSNorm over each head, after the rotation) applied to q and k. Through the
+    kernels above on a GPU; the plain path otherwise."""
+    B, T, _ = qkv.shape
+    if can_fuse_rotary(qkv, qkv.size(-1) // 3 // n_head):
+        return RotaryQKNorm.apply(qkv, cos, sin, n_head)
+    q, k, v = qkv.view(B, T, 3, n_head, -1).unbind(2)
+    q = HeadRMSNorm.apply(apply_rotary(q, cos, sin), QK_NORM_EPS)
+    k = HeadRMSNorm.apply(apply_rotary(k, cos, sin), QK_NORM_EPS)
+    return q, k, v.contiguous()    # attention keeps v for its backward; a view would keep all of qkv
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -677,14 +692,7 @@ class Attention(nn.Module):
         # q, k and v stay three matrices (the optimizer orthogonalises each on its own) but run
         # as one matmul: a 3x wider output keeps the GPU's matmul units busier than three calls.
         qkv = F.linear(x, torch.cat((self.q.weight, self.k.weight, self.v.weight)))
-        if can_fuse_rotary(qkv, self.head_dim):
-            q, k, v = RotaryQKNorm.apply(qkv, cos, sin, self.n_head)
-        else:
-            q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-            # QK-norm after rotary: parameter-free RMSNorm over each head.
-            q = HeadRMSNorm.apply(apply_rotary(q, cos, sin), QK_NORM_EPS)
-            k = HeadRMSNorm.apply(apply_rotary(k, cos, sin), QK_NORM_EPS)
-            v = v.contiguous()    # attention keeps v for its backward; a view would keep all of qkv
+        q, k, v = rotated_normed_heads(qkv, cos, sin, self.n_head)
         # Heads stay laid out [B, T, H, hd] in memory and are only viewed as [B, H, T, hd]: the
         # attention kernel writes its output (and its backward the gradients) in its inputs'
         # layout, so the output projection reads it without a transposing copy.

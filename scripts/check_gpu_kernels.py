@@ -90,22 +90,22 @@ def check_rotary(B, T, n_head, head_dim):
     cos, sin = (t.cuda() for t in model.rotary_tables(T, head_dim))
 
     def plain(qkv):
-        q, k, v = qkv.view(B, T, 3, n_head, head_dim).unbind(2)
-        return (model.HeadRMSNorm.apply(model.apply_rotary(q, cos, sin), model.QK_NORM_EPS),
-                model.HeadRMSNorm.apply(model.apply_rotary(k, cos, sin), model.QK_NORM_EPS), v.contiguous())
+        return model.rotated_normed_heads(qkv, cos, sin, n_head)
 
-    def fused(qkv):
+    def fused(qkv):                 # the kernels themselves, not the dispatch in front of them
         return model.RotaryQKNorm.apply(qkv, cos, sin, n_head)
 
-    def fwd_bwd(fn):
+    def fwd_bwd(fn, fused_kernels=False):
+        model.FUSED_KERNELS = fused_kernels
         outs = fn(qkv)
+        model.FUSED_KERNELS = True
         return [*outs, torch.autograd.grad(outs, qkv, grads)[0]]
-    results = {name: fwd_bwd(fn) for name, fn in (("plain", plain), ("fused", fused))}
+    results = {"plain": fwd_bwd(plain), "fused": fwd_bwd(fused, True)}
     errors = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
               for a, b in zip(results["fused"], results["plain"])]
     ok = max(errors) < 2e-2     # bf16 outputs; the plain path rounds the rotation to bf16 first
     compiled = torch.compile(plain, dynamic=False)
-    t_fused, t_plain = gpu_ms(lambda: fwd_bwd(fused)), gpu_ms(lambda: fwd_bwd(compiled))
+    t_fused, t_plain = gpu_ms(lambda: fwd_bwd(fused, True)), gpu_ms(lambda: fwd_bwd(compiled))
     print(f"rotary B {B} T {T} heads {n_head} x {head_dim}: max relative error q / k / v / dqkv "
           f"{' / '.join(f'{e:.1e}' for e in errors)}  fused {t_fused:.3f} ms  compiled plain "
           f"{t_plain:.3f} ms (forward + backward)  {'ok' if ok else 'FAIL'}")

@@ -190,11 +190,7 @@ def test_fused_rotary_qk_norm_backward_wiring_matches_autograd(monkeypatch):
     # divide by the rms; backward: the norm's gradient from the output, then the opposite
     # rotation), and RotaryQKNorm must give autograd's gradients of the plain path.
     B, T, H, hd = 2, 5, 3, 8
-
-    def rotate(x, cos, sin, sign=1):
-        x1, x2 = x.chunk(2, dim=-1)
-        cos, sin = cos[:, None, :], sign * sin[:, None, :]
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    rotate = model_lib.apply_rotary
 
     def forward(qkv, cos, sin, n_head):
         q, k, v = qkv.view(B, T, 3, n_head, -1).unbind(2)
@@ -202,7 +198,7 @@ def test_fused_rotary_qk_norm_backward_wiring_matches_autograd(monkeypatch):
         return rotate(q, cos, sin) * rstd[0], rotate(k, cos, sin) * rstd[1], v.clone(), torch.stack(rstd)
 
     def backward(dq, dk, dv, q, k, rstd, cos, sin):
-        dx = [rotate(r * (dy - y * (dy * y).mean(-1, keepdim=True)), cos, sin, sign=-1)
+        dx = [rotate(r * (dy - y * (dy * y).mean(-1, keepdim=True)), cos, -sin)    # rotate back
               for dy, y, r in ((dq, q, rstd[0]), (dk, k, rstd[1]))]
         return torch.stack((*dx, dv), dim=2).reshape(B, T, -1)
 
@@ -212,9 +208,7 @@ def test_fused_rotary_qk_norm_backward_wiring_matches_autograd(monkeypatch):
     qkv = torch.randn(B, T, 3 * H * hd, dtype=torch.float64, requires_grad=True)
     grads = [torch.randn(B, T, H, hd, dtype=torch.float64) for _ in range(3)]
     ours = model_lib.RotaryQKNorm.apply(qkv, cos, sin, H)
-    q, k, v = qkv.view(B, T, 3, H, hd).unbind(2)
-    ref = (model_lib.HeadRMSNorm.apply(model_lib.apply_rotary(q, cos, sin), model_lib.QK_NORM_EPS),
-           model_lib.HeadRMSNorm.apply(model_lib.apply_rotary(k, cos, sin), model_lib.QK_NORM_EPS), v)
+    ref = model_lib.rotated_normed_heads(qkv, cos, sin, H)      # the plain path on a CPU
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want)
     got, = torch.autograd.grad(ours, qkv, grads)
