@@ -1,5 +1,5 @@
 """GPU-only checks of model.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy,
-the one-pass rotary + QK-norm, the MLP's matmuls with relu^2 fused into them, and the whole
+the q/k/v projection with rotary + QK-norm in place, the MLP's matmuls with relu^2 fused into them, and the whole
 model's gradients with all of them on.
 
     python scripts/check_gpu_kernels.py
@@ -57,6 +57,7 @@ def check_mlp(rows, d):
     torch.manual_seed(0)
     mlp = model.MLP(model.GPTConfig(size=d / 64, head_dim=d if d % 128 else 128)).cuda()
     x = torch.randn(rows, d, device="cuda", requires_grad=True)
+    residual = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(rows, d, device="cuda")
     results = {}
     for fused in (False, True):
@@ -64,7 +65,7 @@ def check_mlp(rows, d):
 
         def fwd_bwd():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = mlp(x)
+                y = mlp(x, residual)
             y.backward(dy.to(y.dtype))
             return y
         mlp.zero_grad(set_to_none=True)
@@ -82,31 +83,34 @@ def check_mlp(rows, d):
 
 
 def check_rotary(B, T, n_head, head_dim):
-    """The one-pass rotary + QK-norm (RotaryQKNorm) against the plain path, outputs and the
-    gradient of qkv; timed against the plain path compiled, forward + backward."""
+    """The q/k/v projection with rotary + QK-norm in place (QKVRotaryQKNorm) against the plain
+    path, outputs and the gradients of x and the weight; timed against the plain path compiled,
+    forward + backward."""
     torch.manual_seed(0)
-    qkv = torch.randn(B, T, 3 * n_head * head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    d = n_head * head_dim
+    x = torch.randn(B, T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(3 * d, d, device="cuda") / d ** 0.5).to(torch.bfloat16).requires_grad_()
     grads = [torch.randn(B, T, n_head, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     cos, sin = (t.cuda() for t in model.rotary_tables(T, head_dim))
 
-    def plain(qkv):
-        return model.rotated_normed_heads(qkv, cos, sin, n_head)
+    def plain(x, w):
+        return model.qkv_heads(x, w, cos, sin, n_head)
 
-    def fused(qkv):                 # the kernels themselves, not the dispatch in front of them
-        return model.RotaryQKNorm.apply(qkv, cos, sin, n_head)
+    def fused(x, w):                 # the kernels themselves, not the dispatch in front of them
+        return model.QKVRotaryQKNorm.apply(x, w, cos, sin, n_head)
 
     def fwd_bwd(fn, fused_kernels=False):
         model.FUSED_KERNELS = fused_kernels
-        outs = fn(qkv)
+        outs = fn(x, w)
         model.FUSED_KERNELS = True
-        return [*outs, torch.autograd.grad(outs, qkv, grads)[0]]
+        return [*outs, *torch.autograd.grad(outs, (x, w), grads)]
     results = {"plain": fwd_bwd(plain), "fused": fwd_bwd(fused, True)}
     errors = [((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
               for a, b in zip(results["fused"], results["plain"])]
     ok = max(errors) < 2e-2     # bf16 outputs; the plain path rounds the rotation to bf16 first
     compiled = torch.compile(plain, dynamic=False)
     t_fused, t_plain = gpu_ms(lambda: fwd_bwd(fused, True)), gpu_ms(lambda: fwd_bwd(compiled))
-    print(f"rotary B {B} T {T} heads {n_head} x {head_dim}: max relative error q / k / v / dqkv "
+    print(f"q/k/v + rotary B {B} T {T} heads {n_head} x {head_dim}: max relative error q / k / v / dx / dw "
           f"{' / '.join(f'{e:.1e}' for e in errors)}  fused {t_fused:.3f} ms  compiled plain "
           f"{t_plain:.3f} ms (forward + backward)  {'ok' if ok else 'FAIL'}")
     return ok

@@ -167,18 +167,19 @@ def test_relu_squared_gradient_from_its_output_alone():
 def test_fused_mlp_backward_wiring_matches_autograd(monkeypatch):
     # The GPU kernels (checked against the plain path by scripts/check_gpu_kernels.py) are
     # replaced by their definitions, so this checks what runs around them on CPU: the three
-    # gradients FusedReluSquaredMLP.backward forms by hand, and their shapes.
+    # gradients FusedReluSquaredMLP.backward forms by hand (and the residual's), and their shapes.
     monkeypatch.setattr(model_lib, "up_relu_squared", lambda x, w: torch.relu(x @ w.t()) ** 2, raising=False)
     monkeypatch.setattr(model_lib, "relu_squared_input_grad",
                         lambda dy, w, out: (dy @ w) * 2 * out.sqrt(), raising=False)
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     w_up = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
     w_down = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, 5, 16, dtype=torch.float64)
-    ours = model_lib.FusedReluSquaredMLP.apply(x, w_up, w_down)
-    ours_grads = torch.autograd.grad(ours, (x, w_up, w_down), grad)
-    ref = torch.clamp(x @ w_up.t(), min=0).pow(2) @ w_down.t()
-    ref_grads = torch.autograd.grad(ref, (x, w_up, w_down), grad)
+    ours = model_lib.FusedReluSquaredMLP.apply(x, w_up, w_down, residual)
+    ours_grads = torch.autograd.grad(ours, (x, w_up, w_down, residual), grad)
+    ref = residual + torch.clamp(x @ w_up.t(), min=0).pow(2) @ w_down.t()
+    ref_grads = torch.autograd.grad(ref, (x, w_up, w_down, residual), grad)
     torch.testing.assert_close(ours, ref)
     for got, want in zip(ours_grads, ref_grads):
         assert got.shape == want.shape
@@ -187,33 +188,38 @@ def test_fused_mlp_backward_wiring_matches_autograd(monkeypatch):
 
 def test_fused_rotary_qk_norm_backward_wiring_matches_autograd(monkeypatch):
     # As above: the kernels are replaced by the formulas they implement (forward: rotate, then
-    # divide by the rms; backward: the norm's gradient from the output, then the opposite
-    # rotation), and RotaryQKNorm must give autograd's gradients of the plain path.
+    # divide by the rms, in place in qkv; backward: the norm's gradient from the output, then the
+    # opposite rotation), and QKVRotaryQKNorm must give autograd's gradients of the plain path.
     B, T, H, hd = 2, 5, 3, 8
     rotate = model_lib.apply_rotary
 
     def forward(qkv, cos, sin, n_head):
-        q, k, v = qkv.view(B, T, 3, n_head, -1).unbind(2)
+        q, k, _ = qkv.view(B, T, 3, n_head, -1).unbind(2)
         rstd = [torch.rsqrt(x.square().mean(-1, keepdim=True) + model_lib.QK_NORM_EPS) for x in (q, k)]
-        return rotate(q, cos, sin) * rstd[0], rotate(k, cos, sin) * rstd[1], v.clone(), torch.stack(rstd)
+        q.copy_(rotate(q, cos, sin) * rstd[0])
+        k.copy_(rotate(k, cos, sin) * rstd[1])
+        return torch.stack(rstd)
 
-    def backward(dq, dk, dv, q, k, rstd, cos, sin):
+    def backward(dq, dk, dv, qkv, rstd, cos, sin):
+        q, k, _ = qkv.view(B, T, 3, H, -1).unbind(2)
         dx = [rotate(r * (dy - y * (dy * y).mean(-1, keepdim=True)), cos, -sin)    # rotate back
               for dy, y, r in ((dq, q, rstd[0]), (dk, k, rstd[1]))]
         return torch.stack((*dx, dv), dim=2).reshape(B, T, -1)
 
-    monkeypatch.setattr(model_lib, "rotary_qk_norm", forward, raising=False)
+    monkeypatch.setattr(model_lib, "rotary_qk_norm_", forward, raising=False)
     monkeypatch.setattr(model_lib, "rotary_qk_norm_backward", backward, raising=False)
     cos, sin = (t.double() for t in model_lib.rotary_tables(T, hd))
-    qkv = torch.randn(B, T, 3 * H * hd, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3 * H * hd, 16, dtype=torch.float64, requires_grad=True)
     grads = [torch.randn(B, T, H, hd, dtype=torch.float64) for _ in range(3)]
-    ours = model_lib.RotaryQKNorm.apply(qkv, cos, sin, H)
-    ref = model_lib.rotated_normed_heads(qkv, cos, sin, H)      # the plain path on a CPU
+    ours = model_lib.QKVRotaryQKNorm.apply(x, w, cos, sin, H)
+    ref = model_lib.qkv_heads(x, w, cos, sin, H)      # the plain path on a CPU
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want)
-    got, = torch.autograd.grad(ours, qkv, grads)
-    want, = torch.autograd.grad(ref, qkv, grads)
-    torch.testing.assert_close(got, want)
+    got = torch.autograd.grad(ours, (x, w), grads)
+    want = torch.autograd.grad(ref, (x, w), grads)
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_)
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype")   # rms_norm of a bf16 stream with fp32 gains
