@@ -426,15 +426,17 @@ if triton is not None:
             out = relu * relu             # rounded like the plain path: relu in bf16, then squared
         out_desc.store([m, n], out)
 
+    # The fastest shapes tried at d = 384, 640 and 1280 on an H100 (README, Throughput): the
+    # forward's 128 x 256 tiles fit only with the split epilogue, which slows the backward.
+    MLP_FORWARD_TILES = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SPLIT_EPILOGUE=True)
+    MLP_BACKWARD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4, SPLIT_EPILOGUE=False)
+
     def launch_mlp_matmul(a, b, n_cols, b_is_weight, saved):
         out = a.new_empty(a.size(0), n_cols)
         # Tensor descriptors made on the GPU need scratch memory. It is set here, on the launching
         # thread, because autograd runs the backward on a thread of its own.
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=a.device))
-        # The fastest shapes tried at d = 384, 640 and 1280 on an H100 (README, Throughput): the
-        # forward's 128 x 256 tiles fit only with the split epilogue, which slows the backward.
-        tiles = (dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4, SPLIT_EPILOGUE=False) if saved is not None
-                 else dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SPLIT_EPILOGUE=True))
+        tiles = MLP_BACKWARD_TILES if saved is not None else MLP_FORWARD_TILES
         n_tiles = triton.cdiv(a.size(0), tiles["BM"]) * triton.cdiv(n_cols, tiles["BN"])
         programs = min(n_tiles, torch.cuda.get_device_properties(a.device).multi_processor_count)
         mlp_matmul_kernel[(programs,)](a, b, out, out if saved is None else saved,
@@ -565,13 +567,17 @@ if triton is not None:
 
     ROTARY_ROWS_PER_PROGRAM = 64
 
+    def rotary_grid(n_rows, n_parts):
+        """One program per ROTARY_ROWS_PER_PROGRAM (token, head) rows of each part (q, k, v)."""
+        return (triton.cdiv(n_rows, ROTARY_ROWS_PER_PROGRAM), n_parts)
+
     @torch.library.custom_op("looped_gpt::rotary_qk_norm_", mutates_args=("qkv",))
     def rotary_qk_norm_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int) -> torch.Tensor:
         """Rotates and RMS-norms the q and k heads of qkv [B, T, 3d] in place; returns their
         1/rms [2, B*T*H]."""
         B, T, _ = qkv.shape
         rstd = qkv.new_empty(2, B * T * n_head, dtype=torch.float32)
-        rotary_qk_norm_kernel[(triton.cdiv(B * T * n_head, ROTARY_ROWS_PER_PROGRAM), 2)](
+        rotary_qk_norm_kernel[rotary_grid(B * T * n_head, 2)](
             qkv, cos, sin, rstd, B * T * n_head, T, n_head, QK_NORM_EPS,
             HALF=qkv.size(-1) // 6 // n_head, BLOCK=ROTARY_ROWS_PER_PROGRAM, num_warps=4)
         return rstd
@@ -588,7 +594,7 @@ if triton is not None:
         [B, T, H, hd] and qkv after it."""
         B, T, n_head, head_dim = dq.shape
         dqkv = dq.new_empty(B, T, 3 * n_head * head_dim)
-        rotary_qk_norm_backward_kernel[(triton.cdiv(B * T * n_head, ROTARY_ROWS_PER_PROGRAM), 3)](
+        rotary_qk_norm_backward_kernel[rotary_grid(B * T * n_head, 3)](
             dq, dk, dv, qkv, rstd, cos, sin, dqkv, B * T * n_head, T, n_head,
             HALF=head_dim // 2, BLOCK=ROTARY_ROWS_PER_PROGRAM, num_warps=4)
         return dqkv
