@@ -762,7 +762,8 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
     tok_s = B / step_time
     mfu = tok_s * plan["flops_per_token"] / (peak * run.world) if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    result = dict(size=cfg.size, r=cfg.r, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = dict(device=gpu, size=cfg.size, r=cfg.r, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
                   device_batch=device_batch, grad_accum=n_micro, world_size=run.world,
                   step_seconds=step_time, tokens_per_second=tok_s, mfu=mfu, peak_memory_gib=mem,
                   loss=loss.item() * n_micro, flops_per_token=plan["flops_per_token"])

@@ -47,6 +47,25 @@ def bench_one(flags, device_batch, steps, extra):
     return dict(error=" | ".join(tail))
 
 
+def table_lines(rows):
+    """The printed table: one line per row, our tokens/s against the authors' (SPEC.md section 7),
+    headed by the GPU the rows ran on, since figures from different cards do not compare."""
+    gpus = sorted({r["device"] for r in rows if "device" in r})
+    lines = [f"GPU: {', '.join(gpus) or 'unknown'}",
+             f"{'config':<9} {'batch':>5} {'tokens/s':>10} {'MFU':>6} {'mem GiB':>8} {'authors':>9} {'ratio':>6} {'wall s':>7}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:<9} error: {r['error'][:200]}")
+            continue
+        ratio = f"{r['tokens_per_second'] / r['theirs']:.2f}x" if r["theirs"] else "-"
+        theirs = f"{r['theirs']:,}" if r["theirs"] else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
+        lines.append(f"{r['name']:<9} {r['device_batch']:>5} {r['tokens_per_second']:>10,.0f} {mfu:>6} {mem:>8} "
+                     f"{theirs:>9} {ratio:>6} {r['wall']:>7.0f}")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
@@ -61,17 +80,7 @@ def main():
         res.update(name=name, theirs=theirs)
         rows.append(res)
         print(json.dumps(res), flush=True)
-    print(f"\n{'config':<9} {'batch':>5} {'tokens/s':>10} {'MFU':>6} {'mem GiB':>8} {'authors':>9} {'ratio':>6} {'wall s':>7}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['name']:<9} error: {r['error'][:200]}")
-            continue
-        ratio = f"{r['tokens_per_second'] / r['theirs']:.2f}x" if r["theirs"] else "-"
-        theirs = f"{r['theirs']:,}" if r["theirs"] else "-"
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
-        print(f"{r['name']:<9} {r['device_batch']:>5} {r['tokens_per_second']:>10,.0f} {mfu:>6} {mem:>8} "
-              f"{theirs:>9} {ratio:>6} {r['wall']:>7.0f}")
+    print("\n" + "\n".join(table_lines(rows)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

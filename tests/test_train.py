@@ -229,6 +229,39 @@ def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     assert set(rec["lr"]) == {"matrix", "embedding", "lm_head", "norm", "hyperconnect"}
 
 
+def test_bench_reports_full_steps_and_the_device():
+    """--bench on random tokens (no data): its figures must agree with each other and the plan."""
+    proc = run_train("--bench", "--bench-steps", "3", "--vocab-size", "300", "--device-batch", "8",
+                     *TINY, env=single_thread_env())
+    rows = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
+    assert len(rows) == 1
+    res = rows[0]
+    assert res["device"] == "cpu" and res["mfu"] is None      # no peak rate known for a CPU
+    assert res["tokens_per_second"] * res["step_seconds"] == pytest.approx(512)     # --batch-tokens
+    assert res["device_batch"] * res["grad_accum"] * 32 == 512                     # rows x T
+    # SPEC.md section 2 by hand for d = 64, T = 32, vocab 300 -> 320, 1 + 2x2 + 1 layers, g = r = 2:
+    d, n_b = 64, 12 * 64 ** 2 + 2 * 64
+    by_hand = 6 * (2 * n_b + d * 320) + 6 * 2 * (n_b + 2 * d * d) + d * 32 * (12 * 2 + 12 * 2 * 1)
+    assert res["flops_per_token"] == by_hand
+
+
+def test_bench_table_names_the_gpu_and_compares_with_the_authors():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [dict(name="s10r4", device="NVIDIA H200", device_batch=32, tokens_per_second=499_136.0,
+                 mfu=0.5286, peak_memory_gib=22.0, theirs=411_600, wall=39.0),
+            dict(name="s10r4hc", device="NVIDIA H200", device_batch=32, tokens_per_second=498_230.0,
+                 mfu=0.5178, peak_memory_gib=22.0, theirs=None, wall=57.0),
+            dict(name="s20r4", theirs=153_400, error="CUDA out of memory")]
+    lines = bench.table_lines(rows)
+    assert lines[0] == "GPU: NVIDIA H200"
+    assert "499,136" in lines[2] and "52.9%" in lines[2] and "1.21x" in lines[2]
+    assert lines[3].split()[-2:] == ["-", "57"]          # no authors' figure: no ratio
+    assert lines[4].startswith("s20r4") and "error: CUDA out of memory" in lines[4]
+
+
 def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path):
     common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0"]
     one = str(tmp_path / "one")
