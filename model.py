@@ -36,7 +36,7 @@ except ImportError:        # CPU-only installs: the loss runs in PyTorch (softca
     triton = None
 
 # Backends scaled_dot_product_attention may use, best first (None: PyTorch's own choice).
-# train.py sets this on a GPU; see README, Throughput.
+# train.py sets this on a GPU; see THROUGHPUT.md, "Before the rounds".
 ATTENTION_BACKENDS = None
 
 # On a GPU the loss, rotary + QK-norm and the MLP run through the Triton kernels below. False:
@@ -274,7 +274,7 @@ def triton_ce_chunk(z, targets, vocab_size, cap, with_grad):
     row_scale = torch.empty_like(losses) if with_grad else losses   # dummy pointers without grad
     dz = torch.empty_like(z) if with_grad else z
     # 1024 columns on 8 warps (4 per thread) ran at 0.41 ms per 8,192 x 32,064 chunk on an H100;
-    # 2048 on 8 warps, or 4096 and up, ran at 1.1-1.4 ms (README, Throughput).
+    # 2048 on 8 warps, or 4096 and up, ran at 1.1-1.4 ms (THROUGHPUT.md, fourth round).
     softcap_ce_kernel[(rows,)](z, targets, losses, row_scale, dz, n_cols, vocab_size, float(cap),
                                WITH_GRAD=with_grad, BLOCK=1024, num_warps=8)
     return (losses, row_scale, dz) if with_grad else (losses, None, None)
@@ -358,8 +358,8 @@ def is_hopper_or_newer(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-# Below this width the fused MLP is not faster. In the mini grid's shape on an H100 (README,
-# Throughput; single 10-step benches, about +-6% noise) d = 192 lost 17%, d = 256 lost 2.5%
+# Below this width the fused MLP is not faster. In the mini grid's shape on an H100 (THROUGHPUT.md,
+# third round; single 10-step benches, about +-6% noise) d = 192 lost 17%, d = 256 lost 2.5%
 # and d = 320 gained 6.5%: the matmuls are short there, and each launch of the custom op costs
 # host time.
 MIN_FUSED_WIDTH = 320
@@ -426,8 +426,9 @@ if triton is not None:
             out = relu * relu             # rounded like the plain path: relu in bf16, then squared
         out_desc.store([m, n], out)
 
-    # The fastest shapes tried at d = 384, 640 and 1280 on an H100 (README, Throughput): the
-    # forward's 128 x 256 tiles fit only with the split epilogue, which slows the backward.
+    # The fastest shapes tried at d = 384, 640 and 1280 on an H100 (THROUGHPUT.md, fifth round; the
+    # sixth round's H200 sweep found no shape that helps end to end): the forward's 128 x 256 tiles
+    # fit only with the split epilogue.
     MLP_FORWARD_TILES = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SPLIT_EPILOGUE=True)
     MLP_BACKWARD_TILES = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4, SPLIT_EPILOGUE=False)
 
@@ -769,8 +770,9 @@ class FusedReluSquaredMLP(torch.autograd.Function):
 def add_linear(residual, x, weight):
     """residual + x @ weight.T as one matmul: cuBLAS adds the residual in its epilogue, so the
     product is not written out and read back by a separate add. On an H100 that saves 26 of
-    377 us on the MLP's down projection at d = 640, and nothing on the output projection (README,
-    Throughput, fifth round)."""
+    377 us on the MLP's down projection at d = 640, and nothing on the output projection
+    (THROUGHPUT.md, fifth round). A plain matmul with the add fused into the next norm ran the
+    same end to end on an H200 (sixth round)."""
     flat = torch.addmm(residual.reshape(-1, residual.size(-1)), x.reshape(-1, x.size(-1)), weight.t())
     return flat.view(residual.shape)
 
