@@ -564,7 +564,7 @@ def train(args):
                   git_commit=commit, git_dirty=dirty, command=" ".join(sys.argv), compiled=use_compile)
 
     if args.bench:
-        return bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, plan)
+        return bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, record)
 
     os.makedirs(args.out, exist_ok=True)
     loader = prepare_data.TrainLoader(args.data, T, B, device_batch,
@@ -735,8 +735,9 @@ def stop_agreed(run):
     return flag.item() > 0
 
 
-def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, plan):
-    """Full optimizer steps on random tokens: tokens/s, MFU, peak memory."""
+def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, record):
+    """Full optimizer steps on random tokens: tokens/s, MFU, peak memory. record: the run's plan
+    and its device, as a training run would write them."""
     device, B = run.device, args.batch_tokens
     gen = torch.Generator(device="cpu").manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (device_batch, cfg.seq_len + 1), generator=gen)
@@ -760,13 +761,12 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
             torch.cuda.reset_peak_memory_stats(device)
     step_time = float(np.median(times[warmup:]))
     tok_s = B / step_time
-    mfu = tok_s * plan["flops_per_token"] / (peak * run.world) if peak else None
+    mfu = tok_s * record["flops_per_token"] / (peak * run.world) if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=gpu, size=cfg.size, r=cfg.r, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
+    result = dict(device=record["device"], size=cfg.size, r=cfg.r, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
                   device_batch=device_batch, grad_accum=n_micro, world_size=run.world,
                   step_seconds=step_time, tokens_per_second=tok_s, mfu=mfu, peak_memory_gib=mem,
-                  loss=loss.item() * n_micro, flops_per_token=plan["flops_per_token"])
+                  loss=loss.item() * n_micro, flops_per_token=record["flops_per_token"])
     if run.master:
         print("BENCH " + json.dumps(result), flush=True)
     return 0
