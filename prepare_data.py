@@ -733,9 +733,14 @@ class TrainLoader:
     uses stream entries [t*R, (t+1)*R), R = batch_tokens // seq_len; rank r, micro-step m takes
     the contiguous slice starting at (r*n_micro + m)*device_batch. So resuming, changing the
     number of GPUs, or the device batch never changes the data of a step.
+
+    max_tokens keeps only a fixed random subset of max_tokens // seq_len windows (chosen by a
+    generator independent of `seed`, so every seed and run sees the same subset): a smaller
+    corpus for data-repetition controls, with the val split unchanged.
     """
 
-    def __init__(self, data_dir, seq_len, batch_tokens, device_batch, seed=0, rank=0, world_size=1):
+    def __init__(self, data_dir, seq_len, batch_tokens, device_batch, seed=0, rank=0, world_size=1,
+                 max_tokens=None):
         if seq_len < 1 or device_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader arguments: seq_len={seq_len}, device_batch={device_batch}, "
                              f"rank={rank}, world_size={world_size}")
@@ -753,6 +758,14 @@ class TrainLoader:
         self.n_windows = int(self._shard_ends[-1])
         if self.n_windows == 0:
             raise DataError(f"{data_dir}: the train split has no window of {seq_len + 1} tokens")
+        self._subset = None
+        if max_tokens is not None:
+            keep = int(max_tokens) // seq_len
+            if not 1 <= keep <= self.n_windows:
+                raise DataError(f"max_tokens={max_tokens:g} must give 1..{self.n_windows} windows of "
+                                f"{seq_len} tokens (the train split's)")
+            self._subset = np.sort(np.random.default_rng(12345).permutation(self.n_windows)[:keep])
+            self.n_windows = keep
         self._permutations = {}
         self._epochs_announced = {0}
 
@@ -766,7 +779,8 @@ class TrainLoader:
         start = step * self.windows_per_step + (self.rank * self.n_micro + micro) * self.device_batch
         stream = np.arange(start, start + self.device_batch)
         epochs, positions = np.divmod(stream, self.n_windows)
-        return np.array([self._permutation(int(e))[p] for e, p in zip(epochs, positions)], dtype=np.int64)
+        picked = np.array([self._permutation(int(e))[p] for e, p in zip(epochs, positions)], dtype=np.int64)
+        return picked if self._subset is None else self._subset[picked]
 
     def batch(self, step, micro):
         rows = np.empty((self.device_batch, self.seq_len + 1), dtype=np.int64)

@@ -85,11 +85,17 @@ def build_parser():
     b.add_argument("--lm-head-lr", type=float, default=None)
     b.add_argument("--norm-lr", type=float, default=None)
     b.add_argument("--hyperconnect-lr", type=float, default=None)
+    b.add_argument("--lr-scale", type=float, default=1.0,
+                   help="multiply every learning rate (after HyperP and any override) by this; "
+                        "for learning-rate sweeps")
     b.add_argument("--final-lr-frac", type=float, default=0.1, help="learning rate at the end / peak")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed")
     b.add_argument("--data-seed", type=int, default=None, help="data order seed (default: --seed)")
     d = p.add_argument_group("data, evaluation, output")
     d.add_argument("--data", default="data/local", help="directory written by prepare_data.py")
+    d.add_argument("--train-tokens", type=float, default=None,
+                   help="train on a fixed random subset of this many tokens of the train split "
+                        "(whole windows), repeating it as needed: a data-repetition control")
     d.add_argument("--eval-tokens", type=int, default=None,
                    help="validation tokens (default 10,485,760 on GPU, 131,072 on CPU; capped by the val split)")
     d.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
@@ -364,8 +370,10 @@ def default_tag(args, cfg, data_name):
     inj = cfg.injection + (f"K{cfg.lanes}" if cfg.injection == "hyperconnect" else "")
     k = f"_k{cfg.bptt_k}" if cfg.bptt_k not in (None, cfg.r) else ""
     data_seed = "" if args.data_seed in (None, args.seed) else f"_ds{args.data_seed}"
+    lr = "" if args.lr_scale == 1 else f"_lr{args.lr_scale:g}"
+    subset = "" if args.train_tokens is None else f"_U{args.train_tokens:.3g}"
     return (f"s{args.size}_{loop}_{inj}{k}_hd{args.head_dim}_{horizon}_T{args.seq_len}"
-            f"_B{args.batch_tokens}_seed{args.seed}{data_seed}_{data_name}").replace("+", "")
+            f"_B{args.batch_tokens}{lr}{subset}_seed{args.seed}{data_seed}_{data_name}").replace("+", "")
 
 
 def write_json(path, record):
@@ -487,12 +495,16 @@ def plan_run(args, cfg, data_meta):
     lrs = learning_rates(cfg, args.batch_tokens, planned,
                          dict(matrix=args.muon_lr, embedding=args.embedding_lr, lm_head=args.lm_head_lr,
                               norm=args.norm_lr, hyperconnect=args.hyperconnect_lr))
+    if args.lr_scale <= 0:
+        raise RunError("--lr-scale must be positive")
+    lrs = {name: value * args.lr_scale for name, value in lrs.items()}
     record = dict(cfg.to_dict(), **counts)
     record.update(flops_per_token=F_tok, target_flops=args.target_flops, batch_tokens=args.batch_tokens,
                   steps=steps, tokens=steps * args.batch_tokens, planned_tokens=planned,
                   train_flops=F_tok * steps * args.batch_tokens, lr=lrs, seed=args.seed,
                   data_seed=args.seed if args.data_seed is None else args.data_seed,
-                  final_lr_frac=args.final_lr_frac)
+                  final_lr_frac=args.final_lr_frac, lr_scale=args.lr_scale,
+                  train_tokens_cap=args.train_tokens)
     if data_meta is not None:
         record.update(data=args.data, data_checksum=data_meta.get("checksum"),
                       tokenizer=data_meta.get("tokenizer"))
@@ -567,8 +579,9 @@ def train(args):
         return bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, record)
 
     os.makedirs(args.out, exist_ok=True)
-    loader = prepare_data.TrainLoader(args.data, T, B, device_batch,
-                                      seed=plan["data_seed"], rank=run.rank, world_size=run.world)
+    loader = prepare_data.TrainLoader(args.data, T, B, device_batch, seed=plan["data_seed"],
+                                      rank=run.rank, world_size=run.world,
+                                      max_tokens=args.train_tokens)
     byte_lengths = prepare_data.token_byte_lengths(args.data)
     byte_lengths = torch.as_tensor(byte_lengths, device=device) if byte_lengths is not None else None
     eval_tokens = args.eval_tokens or (10_485_760 if device.type == "cuda" else 131_072)

@@ -528,3 +528,18 @@ def test_fineweb_source_end_to_end(server, tmp_path, monkeypatch, capsys):
     n_requests = len(ShardServer.requests)
     assert pd.main(args) == 0 and len(ShardServer.requests) == n_requests  # ready: nothing fetched
     assert "ready" in capsys.readouterr().err
+
+
+def test_loader_subset_repeats_a_fixed_set_of_windows(data_dir):
+    full = pd.TrainLoader(data_dir, T, 4 * T, 2, seed=1)
+    capped = pd.TrainLoader(data_dir, T, 4 * T, 2, seed=1, max_tokens=6 * T + 3)
+    other_seed = pd.TrainLoader(data_dir, T, 4 * T, 2, seed=2, max_tokens=6 * T)
+    assert capped.n_windows == 6 and capped.epochs_seen(3) == 2.0     # 3 steps x 4 windows / 6
+    epoch = lambda loader, e: [w for s in range(3 * e, 3 * e + 3) for m in range(2)
+                               for w in loader.window_indices(s, m)]
+    first, second = epoch(capped, 0), epoch(capped, 1)
+    assert len(set(first)) == 6 and set(first) == set(second)          # each window once per epoch
+    assert set(first) == set(epoch(other_seed, 0))                      # the subset ignores the seed
+    assert set(first) < set(range(full.n_windows))
+    with pytest.raises(pd.DataError, match="windows"):
+        pd.TrainLoader(data_dir, T, 4 * T, 2, max_tokens=T - 1)

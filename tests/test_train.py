@@ -357,3 +357,15 @@ def test_ddp_compiles_one_graph_unless_overlap_is_asked():
         assert torch._dynamo.config.optimize_ddp is True
     finally:
         torch._dynamo.config.optimize_ddp = before
+
+
+def test_lr_scale_multiplies_every_learning_rate():
+    flags = ["--dry-run", "--size", "2", "--r", "4", "--depth", "12", "--head-dim", "64",
+             "--vocab-size", "2048", "--tokens", "1.6e7", "--batch-tokens", "16384"]
+    base = json.loads(run_train(*flags).stdout)["lr"]
+    doubled = json.loads(run_train(*flags, "--lr-scale", "2").stdout)
+    # the HyperP rule by hand: d_model 128, B = 2^14, D = 16,384 * 977 steps, looped D_ref
+    assert base["matrix"] == pytest.approx(0.014 * (1 / 16) ** 0.558 * (16384 * 977 / 1_016_083_200) ** -0.32)
+    assert base["embedding"] == pytest.approx(0.3 * 5 ** 0.5 * (1 / 16) ** 0.558)
+    assert doubled["lr_scale"] == 2
+    assert all(doubled["lr"][k] == pytest.approx(2 * v) for k, v in base.items())
