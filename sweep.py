@@ -90,6 +90,36 @@ MINI_REPEATS = [(2.15e15, 2, 1), (2.15e15, 2, 4), (4.64e15, 3, 2)]   # x seeds 1
 # width; head_dim 64 cannot go narrower than d_model 64, so s=0.5 runs one head of 32.
 MINI_NARROW = [dict(budget=4.64e14, size=0.5, r=r, head_dim=32) for r in (1, 2, 4, 8)]
 
+# midi: mini's shape moved to where the law fits, from the pilot runs in results/midi-pilots.
+# What differs from the paper's recipe, and why (each measured there):
+#   - batch 16,384 tokens: at a fixed 16.8M tokens, 256 steps of 65,536 lost 0.35-0.67 nats to
+#     1,024 steps of 16,384 (and 8,192 gained 0.03-0.04 more, at twice the steps); every run
+#     here takes >= 580 steps;
+#   - every learning rate x 2 (D / 2^26)^-0.2 on top of HyperP's: the best of x0.5..x8 was x2.8-2.9
+#     at 512 steps, x2.0-2.5 at 1,024 and x1.7-2.0 at 4,096 (HyperP's own rule is fitted near
+#     1e9 tokens; these runs see 1e7-1e8);
+#   - a 2,048-token BPE: the embedding and LM head are 0.1-0.5x the non-embedding N (mini's
+#     8,192: 0.4-8x), so their counting convention matters less;
+#   - up to 4 epochs of the ~111M-token corpus (4 epochs of a 16.8M subset cost 0.017 nats).
+# Depth 12 = 2 + 8 + 2, head_dim 64, T 512 as in mini. The corpus is the GPU machine's Python
+# sources cut with the tokenizer kept in results/midi (no rustbpe needed). Widths: 5 per
+# (budget, r) cell around the optimum predicted by scripts/design_grid.py.
+MIDI_BUDGETS = {
+    1.2e15: [1, 2, 3, 4, 5],
+    2.6e15: [1, 2, 3, 4, 6],
+    5.5e15: [2, 3, 4, 5, 7],
+    1.2e16: [3, 4, 5, 6, 8],
+    2.4e16: [4, 5, 6, 7, 8],
+}
+MIDI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_dim=64,
+                     seq_len=512, batch_tokens=16384, samples=0)
+
+
+def midi_lr_scale(planned_tokens):
+    """Multiplier on every HyperP learning rate for midi's short horizons (see above)."""
+    return float(f"{2.0 * (planned_tokens / 2 ** 26) ** -0.2:.3g}")
+
+
 # demo: a CPU grid on the embedded stdlib corpus (data/demo: vocab 1024), < 10 min on 2 cores
 # incl. the fit. Depth 6 = 1 + 4 + 1: r = 1, 2, 4. Widths s -> d_model = 64 s (head_dim 32).
 # Even s = 1 is wider than compute-optimal at these budgets, so phi is loosely constrained.
@@ -128,6 +158,7 @@ class Preset:
     jobs: int = 1                         # runs at once on CPU (threads are split between them)
     fit_args: tuple = ()                  # extra fit_law.py flags
     share_r1_from: str | None = None      # r=1 runs are not rerun: fit them from this preset's dir
+    lr_scale: object = None               # None, or a function of the planned tokens D -> --lr-scale
 
 
 def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, **common):
@@ -173,6 +204,12 @@ PRESETS = {
     **case_studies("mini", MINI_LOWER, MINI_SETTINGS, "data/local-site",
                    trunc_extra={4.64e14: [4], 1e15: [4], 2.15e15: [5]}, hc_extra={2.15e15: [5]},
                    extra_cells=MINI_NARROW, vocab_size=8192, runs_per_gpu=4, assumed_mfu=0.12),
+    "midi": Preset(
+        "mini's shape where the law fits: 5 budgets 1.2e15..2.4e16 (20x), r = 1, 2, 4, 8, 5 widths "
+        "per cell (100 runs), depth 12 (2-8/r-2), T 512, B 16384, lrs x 2(D/2^26)^-0.2, vocab 2048, "
+        "<= 3 epochs; 6 runs share each GPU",
+        MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", vocab_size=2048,
+        runs_per_gpu=6, assumed_mfu=0.10, lr_scale=midi_lr_scale),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
         "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",
@@ -212,6 +249,7 @@ class Run:
     steps: int = 0
     tokens: int = 0
     status: str = "pending"              # of its JSON: pending | ok | failed | preempted | running
+    lr_rule: object = None               # the preset's lr_scale function, applied by plan()
 
     @property
     def train_flops(self):
@@ -303,7 +341,8 @@ def cells_to_runs(cells, preset):
             run = Run(budget=float(cell["budget"]), size=width_scale(cell["size"]), r=int(cell["r"]),
                       settings=settings, injection=cell.get("injection", injection),
                       lanes=int(cell.get("lanes", lanes)), seed=int(cell.get("seed", 0)),
-                      bptt_k=None if cell.get("bptt_k") is None else int(cell["bptt_k"]))
+                      bptt_k=None if cell.get("bptt_k") is None else int(cell["bptt_k"]),
+                      lr_rule=preset.lr_scale)
         except (TypeError, ValueError) as err:
             raise SweepError(f"bad cell {cell}: {err}") from None
         run.tag = str(cell.get("tag") or make_tag(run.budget, run.size, run.r, run.injection,
@@ -346,6 +385,8 @@ def plan(runs, vocab_size):
         run.flops_per_token = flops_per_token(cfg)
         run.steps = round(run.budget / (run.flops_per_token * batch))     # = train.plan_horizon
         run.tokens = run.steps * batch
+        if run.lr_rule is not None and "lr_scale" not in s:
+            s["lr_scale"] = run.lr_rule(run.budget / run.flops_per_token)
         if run.steps < 1:
             raise SweepError(f"run {run.tag}: the budget gives 0 steps of {batch} tokens; "
                              f"raise the budget or shrink batch_tokens")
@@ -886,7 +927,8 @@ def visible_gpus():
 # Embedded-corpus data dirs sweep.sh builds itself when missing: dir -> prepare_data.py flags.
 # The demo's small vocabulary leaves its tiny CPU models more of their FLOPs for the blocks.
 BUILDABLE_DATA = {"data/local": [], "data/demo": ["--vocab-size", "1024"],
-                  "data/local-site": ["--include-site-packages", "--vocab-size", "8192"]}
+                  "data/local-site": ["--include-site-packages", "--vocab-size", "8192"],
+                  "data/midi": ["--include-site-packages", "--tokenizer", os.path.join(HERE, "results", "midi")]}
 
 
 def ensure_data(opts):
