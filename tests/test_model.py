@@ -11,6 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import kernels
 import model as model_lib
 from model import GPT, GPTConfig, HeadRMSNorm, INJECTIONS, ReluSquared, count_params, flops_per_token, width_scale
 
@@ -168,15 +169,15 @@ def test_fused_mlp_backward_wiring_matches_autograd(monkeypatch):
     # The GPU kernels (checked against the plain path by scripts/check_gpu_kernels.py) are
     # replaced by their definitions, so this checks what runs around them on CPU: the three
     # gradients FusedReluSquaredMLP.backward forms by hand (and the residual's), and their shapes.
-    monkeypatch.setattr(model_lib, "up_relu_squared", lambda x, w: torch.relu(x @ w.t()) ** 2, raising=False)
-    monkeypatch.setattr(model_lib, "relu_squared_input_grad",
+    monkeypatch.setattr(kernels, "up_relu_squared", lambda x, w: torch.relu(x @ w.t()) ** 2, raising=False)
+    monkeypatch.setattr(kernels, "relu_squared_input_grad",
                         lambda dy, w, out: (dy @ w) * 2 * out.sqrt(), raising=False)
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     w_up = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
     w_down = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
     residual = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, 5, 16, dtype=torch.float64)
-    ours = model_lib.FusedReluSquaredMLP.apply(x, w_up, w_down, residual)
+    ours = kernels.FusedReluSquaredMLP.apply(x, w_up, w_down, residual)
     ours_grads = torch.autograd.grad(ours, (x, w_up, w_down, residual), grad)
     ref = residual + torch.clamp(x @ w_up.t(), min=0).pow(2) @ w_down.t()
     ref_grads = torch.autograd.grad(ref, (x, w_up, w_down, residual), grad)
@@ -206,13 +207,13 @@ def test_fused_rotary_qk_norm_backward_wiring_matches_autograd(monkeypatch):
               for dy, y, r in ((dq, q, rstd[0]), (dk, k, rstd[1]))]
         return torch.stack((*dx, dv), dim=2).reshape(B, T, -1)
 
-    monkeypatch.setattr(model_lib, "rotary_qk_norm_", forward, raising=False)
-    monkeypatch.setattr(model_lib, "rotary_qk_norm_backward", backward, raising=False)
+    monkeypatch.setattr(kernels, "rotary_qk_norm_", forward, raising=False)
+    monkeypatch.setattr(kernels, "rotary_qk_norm_backward", backward, raising=False)
     cos, sin = (t.double() for t in model_lib.rotary_tables(T, hd))
     x = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3 * H * hd, 16, dtype=torch.float64, requires_grad=True)
     grads = [torch.randn(B, T, H, hd, dtype=torch.float64) for _ in range(3)]
-    ours = model_lib.QKVRotaryQKNorm.apply(x, w, cos, sin, H)
+    ours = kernels.QKVRotaryQKNorm.apply(x, w, cos, sin, H)
     ref = model_lib.qkv_heads(x, w, cos, sin, H)      # the plain path on a CPU
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want)
@@ -382,7 +383,6 @@ def test_bad_config_says_what_to_change(kwargs, words):
 @pytest.mark.parametrize("cap", [15.0, 100.0])     # 100: the row-max shift instead of the constant
 def test_chunked_fused_cross_entropy_equals_plain_softcapped_ce(cap):
     """The chunked loss (gradients formed in forward) against logits -> softcap -> F.cross_entropy."""
-    import model as model_lib
     torch.manual_seed(3)
     N, d, V, Vp = 50, 16, 37, 64
     scale = cap / 15       # logits that reach the cap
@@ -394,14 +394,14 @@ def test_chunked_fused_cross_entropy_equals_plain_softcapped_ce(cap):
     reference = torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap), targets,
                                                   ignore_index=-1, reduction="sum")
     ref_grads = torch.autograd.grad(reference, (h, w))
-    losses, grad_h, grad_w = model_lib.chunked_lm_head_ce(h.detach(), w.detach(), targets, V, cap,
-                                                          True, chunk_rows=7)
+    losses, grad_h, grad_w = kernels.chunked_lm_head_ce(h.detach(), w.detach(), targets, V, cap,
+                                                        True, chunk_rows=7)
     torch.testing.assert_close(losses.sum().double(), reference.detach(), rtol=1e-5, atol=1e-5)
     # the chunk math runs in fp32, as on the GPU
     torch.testing.assert_close(grad_h, ref_grads[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_w.double(), ref_grads[1], rtol=1e-4, atol=1e-5)
     assert (losses[:4] == 0).all()
-    total = model_lib.FusedSoftcapCE.apply(h, w, targets, V, cap)
+    total = kernels.FusedSoftcapCE.apply(h, w, targets, V, cap, True)
     (2.5 * total).backward()       # the upstream gradient scales the saved ones
     torch.testing.assert_close(h.grad, 2.5 * ref_grads[0], rtol=1e-4, atol=1e-5)
 
