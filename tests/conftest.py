@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny data directory built once per test session with prepare_data.py."""
+"""Shared helpers: a tiny data directory built once per test session (per xdist worker) with
+prepare_data.py, and run_main, which runs a script's main() in this process."""
 
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from unittest import mock
 
 import pytest
 
@@ -25,3 +29,17 @@ def tiny_data(tmp_path_factory):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     return str(out)
+
+
+def run_main(main, *args):
+    """main(args) of train.py or sweep.py in this process, returned as the CompletedProcess its
+    command line would give (exit code, stdout, stderr). For commands that stop before any run
+    starts (plans, argument errors): a new interpreter would spend seconds importing torch again.
+    Changes main makes to os.environ are undone."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:          # argparse's own errors and --help
+            code = exit_.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from conftest import run_main
 from model import GPTConfig, count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +170,7 @@ def run_train(*flags, check=True, env=None):
           flops_per_token=3235000320, steps=20000, n_embedding=32064 * 1280)),
 ])
 def test_dry_run_plan(flags, expect):
-    plan = json.loads(run_train("--dry-run", *flags).stdout)
+    plan = json.loads(run_main(train.main, "--dry-run", *flags).stdout)
     for key, value in expect.items():
         assert plan[key] == value, key
     if "--batch-tokens" in flags:
@@ -182,7 +183,7 @@ def test_dry_run_plan(flags, expect):
     (["--steps", "5", "--data", "/nonexistent/dir"], "prepare_data.py"),
 ])
 def test_bad_flags_give_one_line_errors(flags, words):
-    proc = run_train(*flags, check=False)
+    proc = run_main(train.main, *flags)
     assert proc.returncode == 2
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -338,8 +339,8 @@ def test_nan_loss_writes_a_failed_json_and_exits_nonzero(tiny_data, tmp_path):
 
 
 def test_impossible_device_batch_is_a_one_line_error(tiny_data, tmp_path):
-    proc = run_train(*TINY, "--data", tiny_data, "--steps", "2", "--out", str(tmp_path),
-                     "--device-batch", "5", check=False)
+    proc = run_main(train.main, *TINY, "--data", tiny_data, "--steps", "2", "--out", str(tmp_path),
+                    "--device-batch", "5")
     assert proc.returncode == 2 and "does not divide" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
