@@ -263,18 +263,41 @@ def test_bench_table_names_the_gpu_and_compares_with_the_authors():
     assert lines[4].startswith("s20r4") and "error: CUDA out of memory" in lines[4]
 
 
-def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path):
-    common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0"]
-    one = str(tmp_path / "one")
-    run_train(*common, "--device-batch", "8", "--out", one, "--tag", "x", env=single_thread_env())
-    two = str(tmp_path / "two")
-    under_torchrun = ["--recurrences" if f == "--r" else f for f in common]  # see train.py --help
+def run_torchrun(*flags):
+    """train.py on two CPU ranks under torchrun."""
+    under_torchrun = ["--recurrences" if f == "--r" else f for f in flags]  # see train.py --help
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *under_torchrun,
-                           "--device-batch", "4", "--out", two, "--tag", "x"],
+                           "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *under_torchrun],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = read_run(one, "x"), read_run(two, "x")
+
+
+def whole_run_flags(tiny_data, tag):
+    """30 steps of TINY. One process takes 8 rows per micro-step (--device-batch 8, the CPU
+    default), two ranks take 4 each: the same 16 rows of every step."""
+    return [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", tag]
+
+
+@pytest.fixture(scope="session")
+def whole_run(tiny_data, tmp_path_factory):
+    """One uninterrupted single-process run of whole_run_flags, which the torchrun, preemption
+    and resharding tests each compare with (the tag names files only)."""
+    out = str(tmp_path_factory.mktemp("whole"))
+    run_train(*whole_run_flags(tiny_data, "whole"), "--device-batch", "8", "--out", out,
+              env=single_thread_env())
+    return read_run(out, "whole")
+
+
+# The tests that share whole_run run on one xdist worker (pytest.ini: --dist loadgroup), which
+# then builds it once.
+shares_whole_run = pytest.mark.xdist_group("whole_run")
+
+
+@shares_whole_run
+def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path, whole_run):
+    two = str(tmp_path / "two")
+    run_torchrun(*whole_run_flags(tiny_data, "x"), "--device-batch", "4", "--out", two)
+    a, b = whole_run, read_run(two, "x")
     assert b["world_size"] == 2
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
@@ -293,38 +316,31 @@ def preempt_after(flags, out, step):
     assert proc.wait(timeout=300) == 0
 
 
-def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path):
-    common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", "p"]
-    whole = str(tmp_path / "whole")
-    run_train(*common, "--out", whole, env=single_thread_env())
+@shares_whole_run
+def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path, whole_run):
+    common = whole_run_flags(tiny_data, "p")
     split = str(tmp_path / "split")
     preempt_after(common, split, step=8)
     rec = read_run(split, "p")
     assert rec["status"] == "preempted" and 8 <= rec["preempted_at_step"] < 30
     assert os.listdir(os.path.join(split, "p"))   # the checkpoint
     run_train(*common, "--out", split, "--resume", env=single_thread_env())
-    resumed, reference = read_run(split, "p"), read_run(whole, "p")
+    resumed, reference = read_run(split, "p"), whole_run
     assert resumed["status"] == "ok"
     assert resumed["val_loss"] == reference["val_loss"]      # bit for bit on CPU
     assert resumed["train_loss"] == reference["train_loss"]
 
 
-def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path):
+@shares_whole_run
+def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path, whole_run):
     """A run started on one process and resumed on two (same global batch) ends where an
     uninterrupted single-process run ends."""
-    common = [*TINY, "--data", tiny_data, "--steps", "20", "--samples", "0", "--tag", "w"]
-    whole = str(tmp_path / "whole")
-    run_train(*common, "--out", whole, env=single_thread_env())
+    common = whole_run_flags(tiny_data, "w")
     split = str(tmp_path / "split")
     preempt_after(common, split, step=6)
     assert read_run(split, "w")["status"] == "preempted"
-    two_ranks = ["--recurrences" if f == "--r" else f for f in common]
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *two_ranks,
-                              "--out", split, "--resume", "--device-batch", "4"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = read_run(whole, "w"), read_run(split, "w")
+    run_torchrun(*common, "--out", split, "--resume", "--device-batch", "4")
+    a, b = whole_run, read_run(split, "w")
     assert b["status"] == "ok" and b["world_size"] == 2
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
