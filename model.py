@@ -234,10 +234,8 @@ class HeadRMSNorm(torch.autograd.Function):
 
 def add_linear(residual, x, weight):
     """residual + x @ weight.T as one matmul: cuBLAS adds the residual in its epilogue, so the
-    product is not written out and read back by a separate add. On an H100 that saves 26 of
-    377 us on the MLP's down projection at d = 640, and nothing on the output projection
-    (THROUGHPUT.md, fifth round). A plain matmul with the add fused into the next norm ran the
-    same end to end on an H200 (sixth round)."""
+    product is not written out and read back by a separate add (THROUGHPUT.md, fifth round:
+    26 of 377 us on the MLP's down projection at d = 640 on an H100)."""
     flat = torch.addmm(residual.reshape(-1, residual.size(-1)), x.reshape(-1, x.size(-1)), weight.t())
     return flat.view(residual.shape)
 
@@ -315,8 +313,8 @@ class ReluSquared(torch.autograd.Function):
     """relu(x)^2 whose backward reads only its output: relu(x) = sqrt(out), so the gradient
     2 * relu(x) * grad needs nothing else, and the down-projection keeps `out` anyway.
 
-    The square is a multiply, not pow/square: CUDA autocast runs pow in fp32, so `out` came out
-    fp32 and torch.compile then kept x *and* a bf16 copy of out for the backward, two 4d-wide
+    The square is a multiply, not pow/square: CUDA autocast runs pow in fp32, so `out` would be
+    fp32 and torch.compile would keep x *and* a bf16 copy of out for the backward, two 4d-wide
     activations per layer application (6.25 GiB at s=10, r=4, device batch 32)."""
 
     @staticmethod
@@ -512,7 +510,7 @@ class GPT(nn.Module):
         """K lanes start as e; each iteration reads a static mix of them, writes the output back.
 
         The lanes are a list and the mixing is written as scalar-times-tensor sums (K is 2-4), so
-        torch.compile fuses it into the surrounding elementwise kernels; as an einsum it became a
+        torch.compile fuses it into the surrounding elementwise kernels; as an einsum it becomes a
         batched matmul with inner dimension K, which cuBLAS runs slowly."""
         K = self.cfg.lanes
         lanes = [e] * K
@@ -533,8 +531,8 @@ class GPT(nn.Module):
             cache.start_pass()
         # Under autocast the residual stream is carried in the autocast dtype (bf16), like the
         # matmul outputs added to it. Every model then has the same precision: a linear
-        # injection's output is bf16 anyway, so otherwise looped models ran their recurrence
-        # in bf16 and the baseline in fp32. The norms and residual adds also move half the bytes.
+        # injection's output is bf16 anyway, so otherwise looped models would run their
+        # recurrence in bf16 and the baseline in fp32. The norms and residual adds also move half the bytes.
         x = to_autocast_dtype(self.embed_norm(self.embedding(idx)))
         e = self.run_blocks(self.prelude, x, cos, sin, cache)
         h = self.recurrence(e, cos, sin, cache)

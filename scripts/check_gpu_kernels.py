@@ -1,6 +1,6 @@
 """GPU-only checks of kernels.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy,
-the q/k/v projection with rotary + QK-norm in place, the MLP's matmuls with relu^2 fused into them, and the whole
-model's gradients with all of them on.
+the q/k/v projection with rotary + QK-norm in place, the MLP's matmuls with relu^2 fused into
+them, and the whole model's gradients with all of them on.
 
     python scripts/check_gpu_kernels.py
 
@@ -31,7 +31,8 @@ def gpu_ms(fn, repeats=20):
     return (time.perf_counter() - t) / repeats * 1e3
 
 
-def check(rows, vocab_size, cap=15.0):
+def check_ce(rows, vocab_size, cap=15.0):
+    """The soft-capped cross-entropy kernel (triton_ce_chunk) against softcap_ce_chunk."""
     padded = -(-vocab_size // 64) * 64
     gen = torch.Generator(device="cuda").manual_seed(0)
     z = (torch.randn(rows, padded, device="cuda", generator=gen) * 8).to(torch.bfloat16)
@@ -150,7 +151,7 @@ def check_model_gradients(size=6, rows=4):
 def main():
     if not torch.cuda.is_available() or kernels.triton is None:
         sys.exit("check_gpu_kernels.py needs a CUDA GPU and triton")
-    results = [check(8192, 32001), check(32768, 8192), check(4096, 50257)]
+    results = [check_ce(8192, 32001), check_ce(32768, 8192), check_ce(4096, 50257)]
     results += [check_rotary(32, 2048, 5, 128), check_rotary(32, 2048, 3, 128), check_rotary(3, 100, 2, 32)]
     if torch.cuda.get_device_capability()[0] >= 9:
         results += [check_mlp(65536, 640), check_mlp(1000, 384), check_mlp(4096, 1280)]

@@ -1,4 +1,5 @@
-"""model.py: the architecture, its parameter and FLOP accounting, truncation and generation.
+"""model.py: the architecture, its parameter and FLOP accounting, truncation and generation; and on
+a CPU, what of kernels.py runs without a GPU: the autograd wrappers and the chunked loss.
 
 Expected values come from SPEC.md (Table 6, the FLOP examples) or from an independent
 computation written out here, never from the code under test.
@@ -25,7 +26,7 @@ def tiny(**kw):
     return GPTConfig(**base)
 
 
-# ---- counting --------------------------------------------------------------------------
+# ---- config and counting -------------------------------------------------------------------
 
 TABLE6 = {  # unique non-embedding N in millions, r = 1 / 2 / 4 / 8 (SPEC.md section 2)
     6: (35.4, 21.5, 14.5, 10.9),
@@ -82,7 +83,20 @@ def test_r1_is_a_plain_gpt_laid_out_0_depth_0():
     assert model.param_counts()["n_once"] == 3 * cfg.d_model
 
 
-# ---- FLOPs -------------------------------------------------------------------------------
+def test_width_scale_takes_fractions_for_narrow_grid_edges():
+    """s = 0.5 with head_dim 32 is one 32-wide head (mini's lowest budget needs it); whole
+    numbers stay ints so run tags read s3, not s3.0."""
+    assert width_scale("3") == 3 and isinstance(width_scale("3"), int)
+    assert width_scale("0.5") == 0.5 and width_scale("2.0") == 2
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ValueError):
+            width_scale(bad)
+    cfg = GPTConfig(size=0.5, head_dim=32, depth=12, n_prelude=2, n_coda=2, r=4)
+    assert (cfg.d_model, cfg.n_head) == (32, 1)
+    assert GPTConfig(size=1.5, head_dim=64).d_model == 128     # 96 rounded up to whole heads
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size,r,expected", [(10, 1, 1.0277e9), (10, 4, 1.0473e9),
                                              (20, 4, 3.3136e9), (20, 1, 3.2350e9)])
@@ -142,7 +156,63 @@ def test_matmul_flops_agree_with_torch_flop_counter(r, bptt_k):
     assert train.get_total_flops() / tokens == matmul_flops_per_token(cfg) - saved_fwd - saved_bwd
 
 
-# ---- injection and hyperconnect at init ---------------------------------------------------
+# ---- initialisation and the residual stream ------------------------------------------------
+
+def test_init_statistics():
+    cfg = GPTConfig(size=8, r=4, vocab_size=1000)
+    model = GPT(cfg)
+    d = cfg.d_model
+    assert model.recur[0].attn.q.weight.std().item() == pytest.approx(d ** -0.5, rel=0.02)
+    assert model.recur[0].mlp.down.weight.std().item() == pytest.approx((4 * d) ** -0.5, rel=0.02)
+    assert model.recur[0].mlp.up.weight.abs().max().item() <= math.sqrt(3 / d) + 1e-6
+    assert model.embedding.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.02)
+    for p in model.param_groups()["matrix"]:
+        assert p.norm() > 0    # MuonH fixes each matrix's norm at init: none may be zero
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")   # rms_norm of a bf16 stream with fp32 gains
+@pytest.mark.parametrize("r, injection", [(1, "none"), (4, "linear"), (4, "hyperconnect"), (4, "additive")])
+def test_residual_stream_is_in_the_autocast_dtype_for_every_design(r, injection):
+    # The baseline and the looped models that phi compares must share precision: a linear
+    # injection's output is a bf16 matmul output under autocast, so every stream must be bf16.
+    model = GPT(tiny(r=r, injection=injection))
+    seen = []
+    model.recur[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 97, (2, 16)))
+    assert seen and set(seen) == {torch.bfloat16}
+    model(torch.randint(0, 97, (2, 16)))          # without autocast the stream stays fp32
+    assert seen[-1] == torch.float32
+
+
+def test_linear_injection_passes_e_through_at_init():
+    model = GPT(tiny())
+    e, h = torch.randn(2, 5, model.cfg.d_model), torch.randn(2, 5, model.cfg.d_model)
+    assert torch.equal(model.inject(torch.cat((e, h), -1)), e)
+
+
+def test_hyperconnect_lanes_at_init():
+    K, r = 2, 4
+    model = GPT(tiny(injection="hyperconnect", lanes=K, r=r))
+    seen = {"block_in": [], "s": []}
+    model.prelude[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("e", o))
+    model.recur[0].register_forward_pre_hook(lambda m, a: seen["block_in"].append(a[0]))
+    model.recur_norm.register_forward_hook(lambda m, i, o: seen["s"].append(o))
+    model.coda[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("coda_in", a[0]))
+    idx = torch.randint(0, 97, (2, 16))
+    model(idx, idx).backward()
+    e = seen["e"]
+    for i in range(r):   # block input at iteration i = any lane after iteration i-1
+        expected = e + sum(seen["s"][:i]) if i else e
+        torch.testing.assert_close(seen["block_in"][i], expected)
+    torch.testing.assert_close(seen["coda_in"], K * (e + sum(seen["s"])))
+    for p in (model.hc_alpha, model.hc_mix, model.hc_beta):
+        assert p.grad is not None and (p.grad != 0).all()
+    assert model.hc_alpha.numel() + model.hc_mix.numel() + model.hc_beta.numel() == r * (K * K + 2 * K)
+
+
+# ---- hand-written backwards: the plain path's and the fused kernels' wrappers (kernels.py) ---
 
 def test_head_rms_norm_gradient_from_its_output_alone():
     x = torch.randn(3, 5, 7, 32, dtype=torch.float64, requires_grad=True)
@@ -223,47 +293,6 @@ def test_fused_rotary_qk_norm_backward_wiring_matches_autograd(monkeypatch):
         torch.testing.assert_close(g, w_)
 
 
-@pytest.mark.filterwarnings("ignore:Mismatch dtype")   # rms_norm of a bf16 stream with fp32 gains
-@pytest.mark.parametrize("r, injection", [(1, "none"), (4, "linear"), (4, "hyperconnect"), (4, "additive")])
-def test_residual_stream_is_in_the_autocast_dtype_for_every_design(r, injection):
-    # The baseline and the looped models that phi compares must share precision: a linear
-    # injection's output is a bf16 matmul output under autocast, so every stream must be bf16.
-    model = GPT(tiny(r=r, injection=injection))
-    seen = []
-    model.recur[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(torch.randint(0, 97, (2, 16)))
-    assert seen and set(seen) == {torch.bfloat16}
-    model(torch.randint(0, 97, (2, 16)))          # without autocast the stream stays fp32
-    assert seen[-1] == torch.float32
-
-
-def test_linear_injection_passes_e_through_at_init():
-    model = GPT(tiny())
-    e, h = torch.randn(2, 5, model.cfg.d_model), torch.randn(2, 5, model.cfg.d_model)
-    assert torch.equal(model.inject(torch.cat((e, h), -1)), e)
-
-
-def test_hyperconnect_lanes_at_init():
-    K, r = 2, 4
-    model = GPT(tiny(injection="hyperconnect", lanes=K, r=r))
-    seen = {"block_in": [], "s": []}
-    model.prelude[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("e", o))
-    model.recur[0].register_forward_pre_hook(lambda m, a: seen["block_in"].append(a[0]))
-    model.recur_norm.register_forward_hook(lambda m, i, o: seen["s"].append(o))
-    model.coda[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("coda_in", a[0]))
-    idx = torch.randint(0, 97, (2, 16))
-    model(idx, idx).backward()
-    e = seen["e"]
-    for i in range(r):   # block input at iteration i = any lane after iteration i-1
-        expected = e + sum(seen["s"][:i]) if i else e
-        torch.testing.assert_close(seen["block_in"][i], expected)
-    torch.testing.assert_close(seen["coda_in"], K * (e + sum(seen["s"])))
-    for p in (model.hc_alpha, model.hc_mix, model.hc_beta):
-        assert p.grad is not None and (p.grad != 0).all()
-    assert model.hc_alpha.numel() + model.hc_mix.numel() + model.hc_beta.numel() == r * (K * K + 2 * K)
-
-
 # ---- truncated backprop --------------------------------------------------------------------
 
 def grads_by_hand(model, idx, k):
@@ -331,7 +360,7 @@ def test_kv_cache_generation_equals_full_forward(injection):
     assert torch.equal(out, ref)
 
 
-# ---- loss ------------------------------------------------------------------------------------
+# ---- loss ----------------------------------------------------------------------------------
 
 def test_loss_ignores_negative_targets_and_per_token_losses():
     model = GPT(tiny())
@@ -346,38 +375,6 @@ def test_loss_ignores_negative_targets_and_per_token_losses():
     logits = model(idx)
     assert logits.dtype == torch.float32 and logits.shape[-1] == 97
     assert logits.abs().max() <= 15.0
-
-
-def test_init_statistics():
-    cfg = GPTConfig(size=8, r=4, vocab_size=1000)
-    model = GPT(cfg)
-    d = cfg.d_model
-    assert model.recur[0].attn.q.weight.std().item() == pytest.approx(d ** -0.5, rel=0.02)
-    assert model.recur[0].mlp.down.weight.std().item() == pytest.approx((4 * d) ** -0.5, rel=0.02)
-    assert model.recur[0].mlp.up.weight.abs().max().item() <= math.sqrt(3 / d) + 1e-6
-    assert model.embedding.weight.std().item() == pytest.approx(1.0, rel=0.02)
-    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.02)
-    for p in model.param_groups()["matrix"]:
-        assert p.norm() > 0    # MuonH fixes each matrix's norm at init: none may be zero
-
-
-# ---- bad configurations --------------------------------------------------------------------
-
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(r=3), "does not divide the recurrent depth"),
-    (dict(injection="hyperconnect", bptt_k=2), "hyperconnect needs full backprop"),
-    (dict(injection="hyperconnect", lanes=1), "at least 2 lanes"),
-    (dict(d_model_override=200, head_dim=64), "does not divide d_model"),
-    (dict(head_dim=33), "even"),
-    (dict(injection="gated"), "choose one of"),
-    (dict(bptt_k=5), "between 1 and r"),
-    (dict(r=0), "at least 1"),
-    (dict(n_prelude=5, n_coda=5), "leaves 0 layer applications"),
-    (dict(size=0), "must be positive"),
-])
-def test_bad_config_says_what_to_change(kwargs, words):
-    with pytest.raises(ValueError, match=words):
-        tiny(**kwargs)
 
 
 @pytest.mark.parametrize("cap", [15.0, 100.0])     # 100: the row-max shift instead of the constant
@@ -406,14 +403,20 @@ def test_chunked_fused_cross_entropy_equals_plain_softcapped_ce(cap):
     torch.testing.assert_close(h.grad, 2.5 * ref_grads[0], rtol=1e-4, atol=1e-5)
 
 
-def test_width_scale_takes_fractions_for_narrow_grid_edges():
-    """s = 0.5 with head_dim 32 is one 32-wide head (mini's lowest budget needs it); whole
-    numbers stay ints so run tags read s3, not s3.0."""
-    assert width_scale("3") == 3 and isinstance(width_scale("3"), int)
-    assert width_scale("0.5") == 0.5 and width_scale("2.0") == 2
-    for bad in ("0", "-1", "nan"):
-        with pytest.raises(ValueError):
-            width_scale(bad)
-    cfg = GPTConfig(size=0.5, head_dim=32, depth=12, n_prelude=2, n_coda=2, r=4)
-    assert (cfg.d_model, cfg.n_head) == (32, 1)
-    assert GPTConfig(size=1.5, head_dim=64).d_model == 128     # 96 rounded up to whole heads
+# ---- bad configurations --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(r=3), "does not divide the recurrent depth"),
+    (dict(injection="hyperconnect", bptt_k=2), "hyperconnect needs full backprop"),
+    (dict(injection="hyperconnect", lanes=1), "at least 2 lanes"),
+    (dict(d_model_override=200, head_dim=64), "does not divide d_model"),
+    (dict(head_dim=33), "even"),
+    (dict(injection="gated"), "choose one of"),
+    (dict(bptt_k=5), "between 1 and r"),
+    (dict(r=0), "at least 1"),
+    (dict(n_prelude=5, n_coda=5), "leaves 0 layer applications"),
+    (dict(size=0), "must be positive"),
+])
+def test_bad_config_says_what_to_change(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        tiny(**kwargs)
