@@ -1,11 +1,14 @@
 """
 The fused GPU kernels (Triton) behind model.py's three hot spots, and the autograd wrappers that
-run them. model.py calls each through one switch, `FUSED_KERNELS and <op>_kernel_applies(...)`,
-with its plain PyTorch path beside it; that plain path is the reference each kernel is checked
-against.
+run them. model.py calls the rotary and MLP kernels through one switch each,
+`FUSED_KERNELS and kernels.<op>_kernel_applies(x)`, with the plain PyTorch path beside it; the
+loss hands FUSED_KERNELS on as use_kernel, and the chunk loop here picks the kernel or its
+PyTorch reference per chunk. Each plain path is the reference its kernel is checked against.
 
-    kernel (custom op)                  replaces, in plain PyTorch             runs where
-    softcap_ce_kernel                   softcap_ce_chunk (below), compiled     CUDA, cap <= 40
+    fused op                            replaces, in plain PyTorch             runs where
+    chunked_lm_head_ce, FusedSoftcapCE  GPT.plain_loss: the whole batch's      any device
+      (PyTorch, one chunk at a time)      fp32 logits, then F.cross_entropy      (fused_loss)
+    softcap_ce_kernel, per chunk        softcap_ce_chunk (below), compiled     CUDA, cap <= 40
     looped_gpt::rotary_qk_norm_         rotated_normed_heads in model.py:      CUDA, head_dim a
       and rotary_qk_norm_backward         apply_rotary, then HeadRMSNorm         power of two
     looped_gpt::up_relu_squared         model.MLP's up projection and          Hopper, bf16/fp16,

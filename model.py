@@ -37,9 +37,9 @@ from kernels import QK_NORM_EPS
 # train.py sets this on a GPU; see THROUGHPUT.md, "Before the rounds".
 ATTENTION_BACKENDS = None
 
-# On a GPU the loss, rotary + QK-norm and the MLP run through the Triton kernels of kernels.py,
-# each where `FUSED_KERNELS and kernels.<op>_kernel_applies(...)`. False: the plain PyTorch path
-# beside each call everywhere, the reference the kernels are checked against.
+# On a GPU the loss, rotary + QK-norm and the MLP run through the Triton kernels of kernels.py
+# where they apply. False: the plain PyTorch path beside each call, everywhere; it is the
+# reference the kernels are checked against.
 FUSED_KERNELS = True
 
 INJECTIONS = ("linear", "additive", "none", "hyperconnect")
