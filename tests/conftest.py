@@ -14,6 +14,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    """An xdist worker is one of about as many test processes as cores: it runs torch on one
+    thread, or every worker's per-core thread pool would oversubscribe the machine and small
+    ops would wait on each other (a generation test in test_model.py took 20 s instead of 1)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow (whole train.py or sweep.sh runs, seconds each) go first: xdist's workers
+    then pick up the quick ones last and finish together, instead of one still running a long
+    test while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     base = tmp_path_factory.mktemp("tinydata")

@@ -180,6 +180,7 @@ def statuses(out):
     return found
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_skips_and_fits(tiny_data, tmp_path):
     out = str(tmp_path / "tiny")
     res = sweep_sh("--preset", "tiny", "--data", tiny_data, "--out", out)
@@ -194,6 +195,7 @@ def test_tiny_sweep_runs_skips_and_fits(tiny_data, tmp_path):
     assert "6 already ok, 0 to run" in again.stdout and "start" not in again.stdout
 
 
+@pytest.mark.slow
 def test_a_failed_run_does_not_stop_the_grid(tiny_data, tmp_path):
     grid = tmp_path / "grid.csv"
     grid.write_text("budget,size,r,seed,debug_nan_at\n8e9,1,2,1,0\n2e9,1,1,1,\n")
@@ -232,6 +234,7 @@ def fake_env(tmp_path):
     return dict(os.environ, SWEEP_TRAIN_CMD=f"{sys.executable} {script}")
 
 
+@pytest.mark.slow
 def test_runs_are_packed_onto_gpu_slots(fake_env, tmp_path, tiny_data):
     out = tmp_path / "pack"
     res = sweep_sh("--preset", "tiny", "--seeds", "0,1", "--gpus", "2", "--data", tiny_data,
@@ -254,6 +257,7 @@ def test_runs_are_packed_onto_gpu_slots(fake_env, tmp_path, tiny_data):
     assert sorted(firsts) == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_runs_per_gpu_shares_each_gpu(fake_env, tmp_path, tiny_data):
     """--runs-per-gpu 2 on 2 GPUs: four runs at once, never more than two on one GPU."""
     out = tmp_path / "share"
@@ -282,6 +286,7 @@ def test_multi_gpu_runs_use_torchrun():
     assert "--standalone" in cmd and "--nproc_per_node=4" in cmd and cmd[-1] == "--resume"
 
 
+@pytest.mark.slow
 def test_slurm_script_has_one_task_per_pending_run(fake_env, tmp_path, tiny_data):
     out = tmp_path / "slurm"
     out.mkdir()
@@ -304,6 +309,7 @@ def test_slurm_script_has_one_task_per_pending_run(fake_env, tmp_path, tiny_data
     assert sorted(local) == sorted(commands)
 
 
+@pytest.mark.slow
 def test_time_limit_starts_only_runs_that_fit(fake_env, tmp_path, tiny_data):
     out = str(tmp_path / "limited")
     common = ["--preset", "tiny", "--data", tiny_data, "--out", out, "--no-fit", "--jobs", "1"]

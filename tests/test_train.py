@@ -97,6 +97,7 @@ def sharded_muon_worker(rank, world, init_file, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_muonh_sharded_over_ranks_equals_one_process(tmp_path):
     """Under torch.distributed each rank orthogonalises only its block of matrices and the
     results are all-gathered: the parameters must come out as in one process."""
@@ -212,6 +213,7 @@ def single_thread_env():
     return env
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     out = str(tmp_path)
     run_train(*TINY, "--data", tiny_data, "--steps", "40", "--out", out, "--tag", "t",
@@ -230,6 +232,7 @@ def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     assert set(rec["lr"]) == {"matrix", "embedding", "lm_head", "norm", "hyperconnect"}
 
 
+@pytest.mark.slow
 def test_bench_reports_full_steps_and_the_device():
     """--bench on random tokens (no data): its figures must agree with each other and the plan."""
     proc = run_train("--bench", "--bench-steps", "3", "--vocab-size", "300", "--device-batch", "8",
@@ -293,6 +296,7 @@ def whole_run(tiny_data, tmp_path_factory):
 shares_whole_run = pytest.mark.xdist_group("whole_run")
 
 
+@pytest.mark.slow
 @shares_whole_run
 def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path, whole_run):
     two = str(tmp_path / "two")
@@ -316,6 +320,7 @@ def preempt_after(flags, out, step):
     assert proc.wait(timeout=300) == 0
 
 
+@pytest.mark.slow
 @shares_whole_run
 def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path, whole_run):
     common = whole_run_flags(tiny_data, "p")
@@ -331,6 +336,7 @@ def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path, whole_run
     assert resumed["train_loss"] == reference["train_loss"]
 
 
+@pytest.mark.slow
 @shares_whole_run
 def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path, whole_run):
     """A run started on one process and resumed on two (same global batch) ends where an
@@ -345,6 +351,7 @@ def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path, 
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_nan_loss_writes_a_failed_json_and_exits_nonzero(tiny_data, tmp_path):
     proc = run_train(*TINY, "--data", tiny_data, "--steps", "10", "--out", str(tmp_path), "--tag", "n",
                      "--debug-nan-at", "3", check=False, env=single_thread_env())
