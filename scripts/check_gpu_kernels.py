@@ -1,6 +1,6 @@
-"""GPU-only checks of model.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy,
-the q/k/v projection with rotary + QK-norm in place, the MLP's matmuls with relu^2 fused into them, and the whole
-model's gradients with all of them on.
+"""GPU-only checks of kernels.py's Triton kernels (CI has no GPU): the soft-capped cross-entropy,
+the q/k/v projection with rotary + QK-norm in place, the MLP's matmuls with relu^2 fused into
+them, and the whole model's gradients with all of them on.
 
     python scripts/check_gpu_kernels.py
 
@@ -17,6 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels  # noqa: E402
 import model  # noqa: E402
 
 
@@ -30,22 +31,23 @@ def gpu_ms(fn, repeats=20):
     return (time.perf_counter() - t) / repeats * 1e3
 
 
-def check(rows, vocab_size, cap=15.0):
+def check_ce(rows, vocab_size, cap=15.0):
+    """The soft-capped cross-entropy kernel (triton_ce_chunk) against softcap_ce_chunk."""
     padded = -(-vocab_size // 64) * 64
     gen = torch.Generator(device="cuda").manual_seed(0)
     z = (torch.randn(rows, padded, device="cuda", generator=gen) * 8).to(torch.bfloat16)
     targets = torch.randint(0, vocab_size, (rows,), device="cuda", generator=gen)
     targets[::7] = -1
-    ref_losses, ref_scale, ref_dz = model.softcap_ce_chunk(z.float(), targets, vocab_size, cap, True)
-    losses, scale, dz = model.triton_ce_chunk(z, targets, vocab_size, cap, True)
-    losses_only, *nones = model.triton_ce_chunk(z, targets, vocab_size, cap, False)
+    ref_losses, ref_scale, ref_dz = kernels.softcap_ce_chunk(z.float(), targets, vocab_size, cap, True)
+    losses, scale, dz = kernels.triton_ce_chunk(z, targets, vocab_size, cap, True)
+    losses_only, *nones = kernels.triton_ce_chunk(z, targets, vocab_size, cap, False)
     loss_err = (losses - ref_losses).abs().max().item()
     # the gradient itself, scale * unscaled (in [-1, 1]), from the kernel's bf16 factor
     dz_err = (scale[:, None] * dz.float() - ref_scale[:, None] * ref_dz).abs().max().item()
     ok = (loss_err < 1e-4 and dz_err < 2 ** -8 and nones == [None, None]
           and torch.equal(losses_only, losses) and dz.dtype == z.dtype)
-    compiled = torch.compile(model.softcap_ce_chunk, dynamic=False)
-    t_triton = gpu_ms(lambda: model.triton_ce_chunk(z, targets, vocab_size, cap, True))
+    compiled = torch.compile(kernels.softcap_ce_chunk, dynamic=False)
+    t_triton = gpu_ms(lambda: kernels.triton_ce_chunk(z, targets, vocab_size, cap, True))
     t_compiled = gpu_ms(lambda: compiled(z, targets, vocab_size, cap, True))
     print(f"rows {rows:>5} vocab {vocab_size:>6}: max |loss err| {loss_err:.1e}  max |dz err| {dz_err:.1e}  "
           f"triton {t_triton:.3f} ms  compiled torch {t_compiled:.3f} ms  {'ok' if ok else 'FAIL'}")
@@ -97,7 +99,7 @@ def check_rotary(B, T, n_head, head_dim):
         return model.qkv_heads(x, w, cos, sin, n_head)
 
     def fused(x, w):                 # the kernels themselves, not the dispatch in front of them
-        return model.QKVRotaryQKNorm.apply(x, w, cos, sin, n_head)
+        return kernels.QKVRotaryQKNorm.apply(x, w, cos, sin, n_head)
 
     def fwd_bwd(fn, fused_kernels=False):
         model.FUSED_KERNELS = fused_kernels
@@ -147,9 +149,9 @@ def check_model_gradients(size=6, rows=4):
 
 
 def main():
-    if not torch.cuda.is_available() or model.triton is None:
+    if not torch.cuda.is_available() or kernels.triton is None:
         sys.exit("check_gpu_kernels.py needs a CUDA GPU and triton")
-    results = [check(8192, 32001), check(32768, 8192), check(4096, 50257)]
+    results = [check_ce(8192, 32001), check_ce(32768, 8192), check_ce(4096, 50257)]
     results += [check_rotary(32, 2048, 5, 128), check_rotary(32, 2048, 3, 128), check_rotary(3, 100, 2, 32)]
     if torch.cuda.get_device_capability()[0] >= 9:
         results += [check_mlp(65536, 640), check_mlp(1000, 384), check_mlp(4096, 1280)]

@@ -2,9 +2,11 @@
 Tests of sweep.sh / sweep.py: the plans of the paper presets, a real tiny CPU sweep (skip, rerun,
 a failed run that does not stop the grid, the fit), the Slurm script and GPU slot packing.
 
-Flow: a session fixture builds a tiny data dir with prepare_data.py; the tiny sweep trains six
-real runs of a few steps; packing and Slurm use a fake train command (SWEEP_TRAIN_CMD) that
-records its CUDA_VISIBLE_DEVICES and start/end times and writes an ok JSON.
+Flow: plans and argument errors run sweep.main in this process (conftest.run_main: sweep.sh
+only execs sweep.py); a session fixture builds a tiny data dir with prepare_data.py; the tiny
+sweep runs sweep.sh for real and trains six runs of a few steps; packing and Slurm run sweep.sh
+with a fake train command (SWEEP_TRAIN_CMD) that records its CUDA_VISIBLE_DEVICES and start/end
+times and writes an ok JSON.
 """
 
 import json
@@ -18,6 +20,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sweep  # noqa: E402
+import train  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 PAPER = {4.64e17: [6, 8, 10, 12], 1e18: [6, 8, 10, 12, 14], 2.15e18: [8, 10, 12, 14, 16],
          4.64e18: [10, 12, 14, 16, 18, 20], 1e19: [12, 16, 18, 20, 24], 2.15e19: [18, 24, 28, 34]}
@@ -40,7 +44,7 @@ def plan_rows(stdout):
 
 
 def dry_run(preset, tmp_path):
-    res = sweep_sh("--preset", preset, "--dry-run", "--out", str(tmp_path / preset),
+    res = run_main(sweep.main, "--preset", preset, "--dry-run", "--out", str(tmp_path / preset),
                    "--data", str(tmp_path / "no-data"))
     assert res.returncode == 0, res.stderr
     return plan_rows(res.stdout)
@@ -108,8 +112,8 @@ def test_plan_matches_train_py_dry_run():
     runs = sweep.plan(sweep.cells_to_runs(sweep.preset_cells(opts.preset, [0]), opts.preset), 32768)
     run = next(r for r in runs if r.r == 4 and r.size == 10 and r.budget == 1e18)
     cmd = sweep.train_command(run, opts)
-    cmd = cmd[:cmd.index("--data")] + ["--vocab-size", "32768", "--dry-run"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert cmd[0] == sys.executable and os.path.samefile(cmd[1], train.__file__)
+    res = run_main(train.main, *cmd[2:cmd.index("--data")], "--vocab-size", "32768", "--dry-run")
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     assert (plan["steps"], plan["tokens"], plan["n_once"], plan["n_rec"], plan["flops_per_token"],
@@ -134,11 +138,11 @@ def test_mini_and_demo_designs(tmp_path):
 
 
 def test_seeds_and_repeats(tmp_path):
-    rows, _ = plan_rows(sweep_sh("--preset", "paper", "--dry-run", "--out", str(tmp_path),
+    rows, _ = plan_rows(run_main(sweep.main, "--preset", "paper", "--dry-run", "--out", str(tmp_path),
                                  "--repeat", "1e18:10:4", "--repeat-seeds", "1,2").stdout)
     assert len(rows) == 118
     assert {r["tag"] for r in rows} >= {"C1e18_s10_r4_linear_seed1", "C1e18_s10_r4_linear_seed2"}
-    rows, _ = plan_rows(sweep_sh("--preset", "demo", "--dry-run", "--out", str(tmp_path),
+    rows, _ = plan_rows(run_main(sweep.main, "--preset", "demo", "--dry-run", "--out", str(tmp_path),
                                  "--seeds", "0,1").stdout)
     assert len(rows) == 54
 
@@ -151,7 +155,7 @@ def test_seeds_and_repeats(tmp_path):
     (["--preset", "mini", "--runs-per-gpu", "0", "--dry-run"], "--runs-per-gpu must be >= 1"),
 ])
 def test_bad_input_is_one_line(args, words, tmp_path):
-    res = sweep_sh(*args, "--out", str(tmp_path))
+    res = run_main(sweep.main, *args, "--out", str(tmp_path))
     assert res.returncode == 2
     assert words in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -176,6 +180,7 @@ def statuses(out):
     return found
 
 
+@pytest.mark.slow
 def test_tiny_sweep_runs_skips_and_fits(tiny_data, tmp_path):
     out = str(tmp_path / "tiny")
     res = sweep_sh("--preset", "tiny", "--data", tiny_data, "--out", out)
@@ -190,6 +195,7 @@ def test_tiny_sweep_runs_skips_and_fits(tiny_data, tmp_path):
     assert "6 already ok, 0 to run" in again.stdout and "start" not in again.stdout
 
 
+@pytest.mark.slow
 def test_a_failed_run_does_not_stop_the_grid(tiny_data, tmp_path):
     grid = tmp_path / "grid.csv"
     grid.write_text("budget,size,r,seed,debug_nan_at\n8e9,1,2,1,0\n2e9,1,1,1,\n")
@@ -228,6 +234,7 @@ def fake_env(tmp_path):
     return dict(os.environ, SWEEP_TRAIN_CMD=f"{sys.executable} {script}")
 
 
+@pytest.mark.slow
 def test_runs_are_packed_onto_gpu_slots(fake_env, tmp_path, tiny_data):
     out = tmp_path / "pack"
     res = sweep_sh("--preset", "tiny", "--seeds", "0,1", "--gpus", "2", "--data", tiny_data,
@@ -250,6 +257,7 @@ def test_runs_are_packed_onto_gpu_slots(fake_env, tmp_path, tiny_data):
     assert sorted(firsts) == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_runs_per_gpu_shares_each_gpu(fake_env, tmp_path, tiny_data):
     """--runs-per-gpu 2 on 2 GPUs: four runs at once, never more than two on one GPU."""
     out = tmp_path / "share"
@@ -278,6 +286,7 @@ def test_multi_gpu_runs_use_torchrun():
     assert "--standalone" in cmd and "--nproc_per_node=4" in cmd and cmd[-1] == "--resume"
 
 
+@pytest.mark.slow
 def test_slurm_script_has_one_task_per_pending_run(fake_env, tmp_path, tiny_data):
     out = tmp_path / "slurm"
     out.mkdir()
@@ -300,6 +309,7 @@ def test_slurm_script_has_one_task_per_pending_run(fake_env, tmp_path, tiny_data
     assert sorted(local) == sorted(commands)
 
 
+@pytest.mark.slow
 def test_time_limit_starts_only_runs_that_fit(fake_env, tmp_path, tiny_data):
     out = str(tmp_path / "limited")
     common = ["--preset", "tiny", "--data", tiny_data, "--out", out, "--no-fit", "--jobs", "1"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from conftest import run_main
 from model import GPTConfig, count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +97,7 @@ def sharded_muon_worker(rank, world, init_file, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_muonh_sharded_over_ranks_equals_one_process(tmp_path):
     """Under torch.distributed each rank orthogonalises only its block of matrices and the
     results are all-gathered: the parameters must come out as in one process."""
@@ -169,7 +171,7 @@ def run_train(*flags, check=True, env=None):
           flops_per_token=3235000320, steps=20000, n_embedding=32064 * 1280)),
 ])
 def test_dry_run_plan(flags, expect):
-    plan = json.loads(run_train("--dry-run", *flags).stdout)
+    plan = json.loads(run_main(train.main, "--dry-run", *flags).stdout)
     for key, value in expect.items():
         assert plan[key] == value, key
     if "--batch-tokens" in flags:
@@ -182,7 +184,7 @@ def test_dry_run_plan(flags, expect):
     (["--steps", "5", "--data", "/nonexistent/dir"], "prepare_data.py"),
 ])
 def test_bad_flags_give_one_line_errors(flags, words):
-    proc = run_train(*flags, check=False)
+    proc = run_main(train.main, *flags)
     assert proc.returncode == 2
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -211,6 +213,7 @@ def single_thread_env():
     return env
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     out = str(tmp_path)
     run_train(*TINY, "--data", tiny_data, "--steps", "40", "--out", out, "--tag", "t",
@@ -229,6 +232,7 @@ def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     assert set(rec["lr"]) == {"matrix", "embedding", "lm_head", "norm", "hyperconnect"}
 
 
+@pytest.mark.slow
 def test_bench_reports_full_steps_and_the_device():
     """--bench on random tokens (no data): its figures must agree with each other and the plan."""
     proc = run_train("--bench", "--bench-steps", "3", "--vocab-size", "300", "--device-batch", "8",
@@ -262,18 +266,42 @@ def test_bench_table_names_the_gpu_and_compares_with_the_authors():
     assert lines[4].startswith("s20r4") and "error: CUDA out of memory" in lines[4]
 
 
-def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path):
-    common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0"]
-    one = str(tmp_path / "one")
-    run_train(*common, "--device-batch", "8", "--out", one, "--tag", "x", env=single_thread_env())
-    two = str(tmp_path / "two")
-    under_torchrun = ["--recurrences" if f == "--r" else f for f in common]  # see train.py --help
+def run_torchrun(*flags):
+    """train.py on two CPU ranks under torchrun."""
+    under_torchrun = ["--recurrences" if f == "--r" else f for f in flags]  # see train.py --help
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *under_torchrun,
-                           "--device-batch", "4", "--out", two, "--tag", "x"],
+                           "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *under_torchrun],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = read_run(one, "x"), read_run(two, "x")
+
+
+def whole_run_flags(tiny_data, tag):
+    """30 steps of TINY. One process takes 8 rows per micro-step (--device-batch 8, the CPU
+    default), two ranks take 4 each: the same 16 rows of every step."""
+    return [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", tag]
+
+
+@pytest.fixture(scope="session")
+def whole_run(tiny_data, tmp_path_factory):
+    """One uninterrupted single-process run of whole_run_flags, which the torchrun, preemption
+    and resharding tests each compare with (the tag names files only)."""
+    out = str(tmp_path_factory.mktemp("whole"))
+    run_train(*whole_run_flags(tiny_data, "whole"), "--device-batch", "8", "--out", out,
+              env=single_thread_env())
+    return read_run(out, "whole")
+
+
+# The tests that share whole_run run on one xdist worker (pytest.ini: --dist loadgroup), which
+# then builds it once.
+shares_whole_run = pytest.mark.xdist_group("whole_run")
+
+
+@pytest.mark.slow
+@shares_whole_run
+def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path, whole_run):
+    two = str(tmp_path / "two")
+    run_torchrun(*whole_run_flags(tiny_data, "x"), "--device-batch", "4", "--out", two)
+    a, b = whole_run, read_run(two, "x")
     assert b["world_size"] == 2
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
@@ -292,42 +320,38 @@ def preempt_after(flags, out, step):
     assert proc.wait(timeout=300) == 0
 
 
-def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path):
-    common = [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", "p"]
-    whole = str(tmp_path / "whole")
-    run_train(*common, "--out", whole, env=single_thread_env())
+@pytest.mark.slow
+@shares_whole_run
+def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path, whole_run):
+    common = whole_run_flags(tiny_data, "p")
     split = str(tmp_path / "split")
     preempt_after(common, split, step=8)
     rec = read_run(split, "p")
     assert rec["status"] == "preempted" and 8 <= rec["preempted_at_step"] < 30
     assert os.listdir(os.path.join(split, "p"))   # the checkpoint
     run_train(*common, "--out", split, "--resume", env=single_thread_env())
-    resumed, reference = read_run(split, "p"), read_run(whole, "p")
+    resumed, reference = read_run(split, "p"), whole_run
     assert resumed["status"] == "ok"
     assert resumed["val_loss"] == reference["val_loss"]      # bit for bit on CPU
     assert resumed["train_loss"] == reference["train_loss"]
 
 
-def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path):
+@pytest.mark.slow
+@shares_whole_run
+def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path, whole_run):
     """A run started on one process and resumed on two (same global batch) ends where an
     uninterrupted single-process run ends."""
-    common = [*TINY, "--data", tiny_data, "--steps", "20", "--samples", "0", "--tag", "w"]
-    whole = str(tmp_path / "whole")
-    run_train(*common, "--out", whole, env=single_thread_env())
+    common = whole_run_flags(tiny_data, "w")
     split = str(tmp_path / "split")
     preempt_after(common, split, step=6)
     assert read_run(split, "w")["status"] == "preempted"
-    two_ranks = ["--recurrences" if f == "--r" else f for f in common]
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *two_ranks,
-                              "--out", split, "--resume", "--device-batch", "4"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = read_run(whole, "w"), read_run(split, "w")
+    run_torchrun(*common, "--out", split, "--resume", "--device-batch", "4")
+    a, b = whole_run, read_run(split, "w")
     assert b["status"] == "ok" and b["world_size"] == 2
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_nan_loss_writes_a_failed_json_and_exits_nonzero(tiny_data, tmp_path):
     proc = run_train(*TINY, "--data", tiny_data, "--steps", "10", "--out", str(tmp_path), "--tag", "n",
                      "--debug-nan-at", "3", check=False, env=single_thread_env())
@@ -338,8 +362,8 @@ def test_nan_loss_writes_a_failed_json_and_exits_nonzero(tiny_data, tmp_path):
 
 
 def test_impossible_device_batch_is_a_one_line_error(tiny_data, tmp_path):
-    proc = run_train(*TINY, "--data", tiny_data, "--steps", "2", "--out", str(tmp_path),
-                     "--device-batch", "5", check=False)
+    proc = run_main(train.main, *TINY, "--data", tiny_data, "--steps", "2", "--out", str(tmp_path),
+                    "--device-batch", "5")
     assert proc.returncode == 2 and "does not divide" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
