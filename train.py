@@ -153,6 +153,9 @@ def build_parser():
     s.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
     s.add_argument("--profile", default="auto", choices=["auto", "paper", "cpu"],
                    help="what fills the flags not given (default auto: paper on a GPU, cpu on a CPU; below)")
+    s.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine, one per GPU, data parallel (default: every visible "
+                        "GPU; 1 on a CPU; ignored under torchrun or srun, which start the processes)")
     s.add_argument("--threads", type=int, default=None,
                    help="CPU threads of this process (default: OMP_NUM_THREADS if set, else this "
                         "process's share of the cores that other work leaves idle)")
@@ -332,6 +335,10 @@ def orthogonalize(G, dtype=torch.bfloat16):
     return X[0] if single else X
 
 
+# torch 2.13 renamed all_gather_into_tensor (and warns on every call); the GPU nodes run 2.11
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class MuonH(torch.optim.Optimizer):
     """Nesterov momentum -> orthogonalised update scaled to the matrix's radius -> step ->
     project the matrix back onto its sphere. The radius (Frobenius norm at initialisation) lives
@@ -376,7 +383,7 @@ class MuonH(torch.optim.Optimizer):
             if hi > lo:
                 mine[:hi - lo] = self.new_matrices(params[lo:hi], nesterov[lo:hi], lr)
             gathered = params[0].new_empty((world * per_rank, *params[0].shape))
-            dist.all_gather_into_tensor(gathered, mine)
+            all_gather(gathered, mine)
             W = gathered[:len(params)]
         torch._foreach_copy_(params, list(W.unbind(0)))
 
@@ -771,7 +778,8 @@ def train(args):
             path = save_checkpoint(args, tag, step, model, optimizers, history, elapsed_before + time.time() - t_start)
         finish("preempted", error=f"stopped by signal at step {step}; rerun with --resume",
                extra=dict(preempted_at_step=step))
-        resume = shlex.join(["python", *sys.argv]) + ("" if args.resume else " --resume")
+        script = os.path.relpath(sys.argv[0]) if not os.path.relpath(sys.argv[0]).startswith("..") else sys.argv[0]
+        resume = shlex.join(["python", script, *sys.argv[1:]]) + ("" if args.resume else " --resume")
         run.log(f"stopped at step {step}/{steps}: checkpoint {path}, status preempted in {json_path}; "
                 f"to finish: {resume}")
         return 130 if run.stop_signal == signal.SIGINT else 0
@@ -919,11 +927,48 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
     return 0
 
 
+def launched_by_someone_else():
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def spread_over_processes(argv, nproc):
+    """Starts nproc copies of this command, ranks 0..nproc-1 on this machine (what torchrun
+    --standalone does), and waits for them. Ctrl-C reaches them from the terminal: each saves a
+    checkpoint and says so; this process only waits, so nothing prints a traceback."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: [p.send_signal(signum) for p in procs if p.poll() is None])
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.5)
+        if failed_at is None and any(p.poll() not in (None, 0, 130) for p in procs):
+            failed_at = time.time()
+        if failed_at and time.time() - failed_at > 30:    # the others wait on the dead rank forever
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    codes = [p.returncode for p in procs]
+    return next((c for c in codes if c not in (0, 130)), max(codes))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--"]:          # torchrun ... train.py -- --r 4 (torchrun would take --r itself)
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    if not launched_by_someone_else() and not (args.dry_run or args.bench):
+        nproc = args.nproc or (torch.cuda.device_count() if args.device != "cpu" else 1)
+        if nproc > 1:
+            return spread_over_processes(argv, nproc)
     if args.bench and all(x is None for x in (args.target_flops, args.tokens, args.steps)):
         args.steps = args.bench_steps
     on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())

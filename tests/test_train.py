@@ -331,10 +331,15 @@ def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path):
                            "--device-batch", "4", "--out", two, "--tag", "x"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = read_run(one, "x"), read_run(two, "x")
-    assert b["world_size"] == 2
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    # train.py's own launcher (what `python train.py` does with every visible GPU): the same
+    three = str(tmp_path / "three")
+    run_train(*common, "--nproc", "2", "--device-batch", "4", "--out", three, "--tag", "x",
+              env=single_thread_env())
+    a = read_run(one, "x")
+    for b in (read_run(two, "x"), read_run(three, "x")):
+        assert b["world_size"] == 2
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
 def preempt_after(flags, out, step, sig=signal.SIGTERM):
