@@ -742,8 +742,8 @@ def run_fit(opts):
 
 def identification_line(fit_json):
     """One plain sentence: does this grid pin down phi? fit_law.py's own verdict
-    (joint.phi_identified) where it gives one; else read from the bootstrap CI: identified when
-    the CI stays off the search box's edges and excludes phi = 0 or phi = 1."""
+    (joint.phi_identified) where it gives one; else its rule applied to the bootstrap CI:
+    identified when the CI stays inside the search box (-3, 3) and does not hold both 0 and 1."""
     try:
         with open(fit_json) as f:
             joint = json.load(f)["joint"]
@@ -753,7 +753,7 @@ def identification_line(fit_json):
     if "phi_identified" in joint:
         identified = bool(joint["phi_identified"])
     else:
-        identified = bool(ci) and ci[0] > -1 and ci[1] < 2 and (ci[0] > 0 or ci[1] < 1)
+        identified = bool(ci) and -3 < ci[0] and ci[1] < 3 and not (ci[0] <= 0 and ci[1] >= 1)
     ci_text = f", 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
     if identified:
         return f"phi is identified by this grid: phi = {phi:.2f}{ci_text}"

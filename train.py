@@ -1,20 +1,24 @@
 """
 Train one looped GPT with the paper's recipe and write one JSON that fit_law.py reads.
 
+    python train.py --r 4                              # sized for this machine; every GPU it sees
     python train.py --size 10 --r 4 --target-flops 1e18 --data data/fineweb-edu
-    torchrun --nproc_per_node=8 train.py ...          # data parallel, same result
+    torchrun --nproc_per_node=8 train.py -- --r 4      # flags after --: torchrun would take --r
 
 Flow of one run:
-    flags -> GPTConfig (model.py) -> horizon: steps = round(C / (F*B)), D = steps*B
+    flags -> the machine's profile fills the flags not given (CPU: a demo-sized run on data/demo;
+             GPU: the paper's recipe), said in one line; more than one GPU: one process per GPU
+          -> GPTConfig (model.py) -> horizon: steps = round(C / (F*B)), D = steps*B
           -> learning rates (HyperP rules of SPEC.md section 3)
+          -> the data (an embedded corpus is built if missing)
           -> for each step: TrainLoader (prepare_data.py) gives the step's windows,
              gradient accumulation over micro-batches, MuonH on block matrices, AdamW on the rest,
              linear decay 1.0 -> 0.1
           -> validation loss (nats/token) and bits per byte on a fixed val prefix
           -> <out>/<tag>.json, status "ok" | "failed" | "preempted"
 
-Checkpoints (--save-every, SIGTERM/SIGUSR1) go to <out>/<tag>/ and --resume continues the newest
-bit for bit. `--dry-run` prints the plan without data; `--bench` times steps on random tokens.
+Checkpoints (--save-every; Ctrl-C, SIGTERM, SIGUSR1) go to <out>/<tag>/ and --resume continues the
+newest bit for bit. `--dry-run` prints the plan without data; `--bench` times steps on random tokens.
 """
 
 import argparse
@@ -921,7 +925,8 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
     result = dict(device=record["device"], size=cfg.size, r=cfg.r, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
                   device_batch=device_batch, grad_accum=n_micro, world_size=run.world,
                   step_seconds=step_time, tokens_per_second=tok_s, mfu=mfu, peak_memory_gib=mem,
-                  loss=loss.item() * n_micro, flops_per_token=record["flops_per_token"])
+                  loss=loss.item() * n_micro, flops_per_token=record["flops_per_token"],
+                  threads=record["threads"])
     if run.master:
         print("BENCH " + json.dumps(result), flush=True)
     return 0
