@@ -27,6 +27,7 @@ import math
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -203,7 +204,7 @@ def fill_defaults(args, given, on_gpu):
                 setattr(args, key, value)
                 filled.append(key)
         if "depth" not in given:
-            args.depth = args.n_prelude + args.n_coda + args.r * math.ceil(CPU_RECURRENT_LAYERS / max(args.r, 1))
+            args.depth = args.n_prelude + args.n_coda + args.r * math.ceil(CPU_RECURRENT_LAYERS / args.r)
             filled.append("depth")
     elif "data" not in given:
         args.data = "data/fineweb-edu" if os.path.exists("data/fineweb-edu/meta.json") else "data/local-site"
@@ -228,7 +229,7 @@ def fill_defaults(args, given, on_gpu):
 def cpu_threads(args, local_procs):
     """Threads for this process on a CPU: OMP_NUM_THREADS or --threads if given, else this process's
     share of the cores other work leaves idle. Two threads on a 2-core machine busy with other work
-    ran demo-sized models 10-25x slower than one (the threads wait on each other's time slices)."""
+    ran demo-sized models 6-26x slower than one (the threads wait on each other's time slices)."""
     if args.threads:
         return args.threads
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -652,13 +653,26 @@ def ready_data(args, run):
     """-> the data's meta.json; an embedded corpus that is missing is built first (by local rank 0
     while the other ranks wait)."""
     try:
+        built = True
         if run.local_rank == 0:
-            prepare_data.ensure_embedded(args.data, say=lambda msg: print(msg, flush=True))
+            built = prepare_data.ensure_embedded(args.data, say=lambda msg: print(msg, flush=True))
         if run.world > 1:
             dist.barrier()
+        if not built:
+            raise RunError(f"{args.data} has no meta.json: build it with prepare_data.py (FineWeb-Edu: "
+                           f"python prepare_data.py --source fineweb-edu --shards 80), or leave out "
+                           f"--data: data/demo and data/local-site are built here, offline")
         return prepare_data.load_meta(args.data)
     except prepare_data.DataError as err:
         raise RunError(str(err)) from None
+
+
+def planning_vocab(data_dir):
+    """The data's vocabulary if it is built, else the paper's (a plan needs one, not the data)."""
+    try:
+        return prepare_data.load_meta(data_dir)["vocab_size"]
+    except (prepare_data.DataError, KeyError, TypeError):
+        return 32001
 
 
 def train(args):
@@ -670,8 +684,7 @@ def train(args):
         torch.set_num_threads(cpu_threads(args, local_procs))
     meta = None
     if args.bench or args.dry_run:
-        vocab = args.vocab_size or (prepare_data.load_meta(args.data)["vocab_size"]
-                                    if os.path.exists(os.path.join(args.data, "meta.json")) else 32001)
+        vocab = args.vocab_size or planning_vocab(args.data)
     else:
         meta = ready_data(args, run)
         vocab = meta["vocab_size"]
@@ -940,7 +953,6 @@ def spread_over_processes(argv, nproc):
     """Starts nproc copies of this command, ranks 0..nproc-1 on this machine (what torchrun
     --standalone does), and waits for them. Ctrl-C reaches them from the terminal: each saves a
     checkpoint and says so; this process only waits, so nothing prints a traceback."""
-    import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -969,7 +981,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--"]:          # torchrun ... train.py -- --r 4 (torchrun would take --r itself)
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("r", "nproc", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     if not launched_by_someone_else() and not (args.dry_run or args.bench):
         nproc = args.nproc or (torch.cuda.device_count() if args.device != "cpu" else 1)
         if nproc > 1:

@@ -183,6 +183,8 @@ def test_dry_run_plan(flags, expect):
     (["--size", "0"], "must be positive"),
     (["--size", "x", "--r", "4"], "not a number"),
     (["--r"], "expected one argument"),
+    (["--r", "0"], "--r must be at least 1"),
+    (["--threads", "-1", "--dry-run"], "--threads must be at least 1"),
 ])
 def test_bad_flags_give_one_line_errors(flags, words):
     proc = run_train(*flags, check=False)
