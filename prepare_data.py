@@ -6,6 +6,9 @@ Prepare a token dataset for training, and read it back during training.
     python prepare_data.py --source fineweb-edu --shards 4   # GPT-2 tokens from the HF hub
     python prepare_data.py --source my_texts/           # your own .txt/.md/.jsonl
 
+train.py and sweep.sh build the offline corpora they need (data/demo, data/local,
+data/local-site: EMBEDDED below) themselves when they are missing.
+
 How data flows:
   documents (source files, text, or downloaded shards)
     -> deduplicated, each assigned to train or val by a hash of its group

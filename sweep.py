@@ -846,7 +846,8 @@ def build_parser():
                         "The GPU time-slices between them, so this hides start-up and compilation "
                         "of short runs; it adds no GPU throughput")
     p.add_argument("--jobs", type=int, default=None,
-                   help="CPU only: runs at once (default: the preset's); threads are split between them")
+                   help="CPU only: runs at once (default: one per core, one thread each); the cores "
+                        "are split between them")
     p.add_argument("--slurm", action="store_true",
                    help="write a Slurm job array (one task per pending run) and a fit job to "
                         "<out>/slurm/ and sbatch them if sbatch exists")
