@@ -984,12 +984,12 @@ def main(argv=None):
             script, fit_script = write_slurm(pending, opts)
             print(f"[sweep] wrote {script} ({len(pending)} array tasks) and {fit_script}")
             return submit_slurm(script, fit_script)
+        print(f"[sweep] preset {opts.preset_name}{why_preset(opts)}: {opts.preset.about}", flush=True)
+        print(f"[sweep] plan: {cost_line(runs, rate, rate_how, opts)[len('total: '):]}", flush=True)
         ensure_data(opts)
         if data_vocab_size(opts.data) != vocab:      # data was just built: plan with its vocab
             plan(runs, data_vocab_size(opts.data))
         os.makedirs(opts.out, exist_ok=True)
-        print(f"[sweep] preset {opts.preset_name}{why_preset(opts)}: {opts.preset.about}", flush=True)
-        print(f"[sweep] plan: {cost_line(runs, rate, rate_how, opts)[len('total: '):]}", flush=True)
         print(f"[sweep] preset {opts.preset_name}: {len(runs)} runs, {len(runs) - len(pending)} already ok, "
               f"{len(pending)} to run -> {opts.out} (the runs one by one: add --dry-run)", flush=True)
         results = run_locally(pending, opts, rate) if pending else {}
