@@ -6,6 +6,9 @@ Prepare a token dataset for training, and read it back during training.
     python prepare_data.py --source fineweb-edu --shards 4   # GPT-2 tokens from the HF hub
     python prepare_data.py --source my_texts/           # your own .txt/.md/.jsonl
 
+train.py and sweep.sh build the offline corpora they need (data/demo, data/local,
+data/local-site: EMBEDDED below) themselves when they are missing.
+
 How data flows:
   documents (source files, text, or downloaded shards)
     -> deduplicated, each assigned to train or val by a hash of its group
@@ -31,6 +34,7 @@ import os
 import shlex
 import shutil
 import socket
+import subprocess
 import sys
 import sysconfig
 import time
@@ -689,6 +693,32 @@ def load_meta(data_dir):
         raise DataError(f"{path}: not found; prepare the data first, e.g. `python prepare_data.py`") from None
     except ValueError as e:
         raise DataError(f"{path}: not valid JSON ({e}); rebuild with `python prepare_data.py --force`") from None
+
+
+# The corpora built from what is on this machine, no network: directory -> prepare_data.py flags.
+# train.py and sweep.py build them when they are asked for and missing. data/demo's small
+# vocabulary leaves the tiny CPU models more of their FLOPs for the blocks.
+EMBEDDED = {"data/local": [], "data/demo": ["--vocab-size", "1024"],
+            "data/local-site": ["--include-site-packages", "--vocab-size", "8192"],
+            # midi's corpus: cut with the tokenizer kept in the repo, so no rustbpe is needed
+            "data/midi": ["--include-site-packages", "--tokenizer", str(REPO_DIR / "results" / "midi")]}
+
+
+def ensure_embedded(data_dir, say=print):
+    """Builds data_dir if it is one of EMBEDDED and has no meta.json yet; True if it is ready.
+    Runs this file in a subprocess so its output and memory stay out of the caller."""
+    if (Path(data_dir) / "meta.json").exists():
+        return True
+    flags = EMBEDDED.get(os.path.normpath(data_dir))
+    if flags is None:
+        return False
+    say(f"{data_dir} is missing: building it from this machine's Python sources (offline, seconds)")
+    res = subprocess.run([sys.executable, str(REPO_DIR / "prepare_data.py"), "--out", str(data_dir), *flags],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if res.returncode or not (Path(data_dir) / "meta.json").exists():
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(f"building {data_dir} failed (exit {res.returncode}): {last}")
+    return True
 
 
 def overall_checksum(splits):

@@ -1,9 +1,9 @@
 """
 Plan and run a grid of train.py runs over compute budgets, widths and recurrences, then fit the law.
 
-    python sweep.py                                  # = --preset demo: CPU grid + fit, < 10 min
+    python sweep.py                                  # mini on a GPU node, the CPU demo elsewhere
     python sweep.py --preset paper --dry-run         # list the 116 runs of the paper grid
-    python sweep.py --preset mini --gpus 1           # ~1 GPU-hour grid
+    python sweep.py --preset mini --gpus 1           # 0.46 H100-hours measured
     python sweep.py --preset paper --gpus 8 -- --device-batch 16   # after --: flags for train.py
     python sweep.py --preset paper --slurm           # a Slurm job array, one task per run
 
@@ -15,9 +15,11 @@ How data flows (bash sweep.sh is the entry point a user reads; it calls this fil
                runs: tag, N_once, N_rec, FLOPs/token, steps = round(C/(F*B)), tokens
       --status of <out>/<tag>.json-->  pending runs ("ok" is skipped; "failed" and "preempted"
                are rerun with --resume, which continues from their newest checkpoint)
-      --> one of: --dry-run listing | --slurm job array | the local runner (one subprocess per
-          run, packed onto GPU slots or CPU threads, log in <out>/logs/<tag>.log)
+      --> one of: --dry-run listing | --slurm job array | the local runner (the plan and its
+          cost first; one subprocess per run, packed onto GPU slots or CPU cores at one thread
+          each, log in <out>/logs/<tag>.log)
       --> python fit_law.py <out>  ->  <out>/fit.txt (the report), fit.json, fit.png
+      --> one line from fit.json: whether this grid identifies phi
 
 One failed run never stops the grid; rerunning the same command only does what is left.
 """
@@ -38,13 +40,15 @@ from dataclasses import dataclass, field, replace
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_PY = os.path.join(HERE, "train.py")
 FIT_LAW_PY = os.path.join(HERE, "fit_law.py")
-PREPARE_DATA_PY = os.path.join(HERE, "prepare_data.py")
 
 H100_PEAK = 989e12          # dense bf16 FLOP/s, the MFU denominator of SPEC.md section 7
-# Achieved training FLOP/s of one demo-sized run on one CPU thread (incl. startup and eval): 1.2e10
-# (s=1) to 2.7e10 (s=3) measured on the 2-core dev box, two runs at once, with other load; used
-# only for estimates until runs in --out have finished (then their measured median is used).
-ASSUMED_CPU_FLOPS_PER_THREAD = 1.5e10
+# One CPU thread's time per training token: a fixed cost (many small kernels per layer) plus the
+# FLOPs at 29 GFLOP/s. Fitted to train.py --bench at d_model 16..128 (depth 6, T 128: 15,300 to
+# 3,150 tokens/s) on the 2-core dev box with other work on it; estimates only, until runs in
+# --out have finished (then their measured median FLOP rate is used).
+CPU_SECONDS_PER_TOKEN = 5.4e-5
+CPU_FLOPS_PER_THREAD = 2.9e10
+CPU_START_SECONDS = 6        # per CPU run: importing torch, building the model, the final evaluation
 
 
 class SweepError(Exception):
@@ -120,15 +124,18 @@ def midi_lr_scale(planned_tokens):
     return float(f"{2.0 * (planned_tokens / 2 ** 26) ** -0.2:.3g}")
 
 
-# demo: a CPU grid on the embedded stdlib corpus (data/demo: vocab 1024), < 10 min on 2 cores
-# incl. the fit. Depth 6 = 1 + 4 + 1: r = 1, 2, 4. Widths s -> d_model = 64 s (head_dim 32).
-# Even s = 1 is wider than compute-optimal at these budgets, so phi is loosely constrained.
+# demo: a CPU grid on the embedded stdlib corpus (data/demo: vocab 1024), a few minutes on 2
+# cores incl. the fit. Depth 6 = 1 + 4 + 1. Widths s -> d_model = 64 s = 16, 32, 48 (head_dim 16).
+# Even d = 16 is wider than compute-optimal here: at 1e11..4e11 FLOPs the loss fell with every
+# step narrower at every budget and r (measured 2026-12-01), as it did at s = 1..3, the first
+# demo's widths. The runs are data-limited, so phi is not identified; the demo shows the
+# pipeline. r = 1 and 4 only: the widest spread of N_once + r^phi N_rec for the time.
 DEMO_BUDGETS = {
-    6e11:   [1, 2, 3],
-    1.2e12: [1, 2, 3],
-    2.4e12: [1, 2, 3],
+    6e10:   [0.25, 0.5, 0.75],
+    1.2e11: [0.25, 0.5, 0.75],
+    2.4e11: [0.25, 0.5, 0.75],
 }
-DEMO_SETTINGS = dict(depth=6, n_prelude=1, n_coda=1, injection="linear", head_dim=32,
+DEMO_SETTINGS = dict(depth=6, n_prelude=1, n_coda=1, injection="linear", head_dim=16,
                      seq_len=128, batch_tokens=2048, eval_tokens=32768, samples=0, device="cpu")
 
 # tiny: six runs of a few steps (fit_law.py needs >= 6 runs for a fit), for the tests.
@@ -155,7 +162,7 @@ class Preset:
     assumed_mfu: float = 0.40             # for estimates until runs have finished (small widths: less)
     checkpoints: int = 10                 # --save-every = steps // checkpoints (0: none)
     cpu: bool = False                     # planned for CPU: estimates in CPU-minutes
-    jobs: int = 1                         # runs at once on CPU (threads are split between them)
+    jobs: int = 0                         # runs at once on CPU, threads split between them (0: one per core)
     fit_args: tuple = ()                  # extra fit_law.py flags
     share_r1_from: str | None = None      # r=1 runs are not rerun: fit them from this preset's dir
     lr_scale: object = None               # None, or a function of the planned tokens D -> --lr-scale
@@ -211,16 +218,17 @@ PRESETS = {
         MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", vocab_size=2048,
         runs_per_gpu=6, assumed_mfu=0.10, lr_scale=midi_lr_scale),
     "demo": Preset(
-        "CPU demo on the embedded stdlib corpus: 3 budgets 6e11..2.4e12, r = 1, 2, 4, widths "
-        "s = 1..3, depth 6 (1-4/r-1), T 128, vocab 1024; < 10 min on 2 cores, phi with a wide CI",
-        DEMO_BUDGETS, (1, 2, 4), DEMO_SETTINGS, data="data/demo", vocab_size=1024, checkpoints=2,
-        cpu=True, jobs=2, fit_args=("--restarts", "200", "--bootstrap", "100")),
+        "CPU demo on the embedded stdlib corpus: 3 budgets 6e10..2.4e11, r = 1, 4, widths "
+        "s = 0.25..0.75 (d 16..48), depth 6 (1-4/r-1), T 128, vocab 1024; minutes on 2 cores",
+        DEMO_BUDGETS, (1, 4), DEMO_SETTINGS, data="data/demo", vocab_size=1024, checkpoints=2,
+        cpu=True, fit_args=("--restarts", "100", "--bootstrap", "100")),
     "tiny": Preset(
         "six runs of a few steps (3 budgets x r = 1, 2, s = 1) for the tests",
         TINY_BUDGETS, (1, 2), TINY_SETTINGS, vocab_size=300, checkpoints=2, cpu=True, jobs=2,
         fit_args=("--restarts", "20", "--bootstrap", "0")),
 }
-DEFAULT_PRESET = "demo"
+# With no --preset: the GPU grid where a GPU is visible, the CPU demo elsewhere.
+GPU_DEFAULT, CPU_DEFAULT = "midi", "demo"
 
 # Columns of a --grid file / fields of a cell that name the cell; other columns are train.py flags.
 CELL_KEYS = ("budget", "size", "r", "injection", "lanes", "bptt_k", "seed", "tag")
@@ -424,13 +432,16 @@ def measured_flops_rate(out):
     return sorted(rates)[len(rates) // 2] if rates else None
 
 
-def throughput(preset, out, threads_per_job, runs_per_gpu=1):
+def throughput(preset, out, threads_per_job, runs_per_gpu=1, runs=()):
     """-> (FLOP/s per run slot device, description)."""
     measured = measured_flops_rate(out)
     if measured:
         return measured, f"measured: median of the finished runs in {out}"
     if preset.cpu:
-        rate = ASSUMED_CPU_FLOPS_PER_THREAD * threads_per_job ** 0.7
+        flops = sum(r.train_flops for r in runs) or 1.0
+        seconds = sum(r.tokens * (CPU_SECONDS_PER_TOKEN + r.flops_per_token / CPU_FLOPS_PER_THREAD)
+                      for r in runs) or flops / CPU_FLOPS_PER_THREAD
+        rate = flops / seconds * threads_per_job ** 0.7
         return rate, f"estimated {rate / 1e9:.0f} GFLOP/s per run on {threads_per_job} CPU thread(s)"
     shared = f", shared by {runs_per_gpu} runs" if runs_per_gpu > 1 else ""
     return (preset.assumed_mfu * H100_PEAK / runs_per_gpu,
@@ -764,7 +775,31 @@ def run_fit(opts):
         return 1
     print(f"[sweep] fit report {report}, {os.path.join(opts.out, 'fit.json')}, "
           f"{os.path.join(opts.out, 'fit.png')}", flush=True)
+    verdict = identification_line(os.path.join(opts.out, "fit.json"))
+    if verdict:
+        print(f"[sweep] {verdict}", flush=True)
     return 0
+
+
+def identification_line(fit_json):
+    """One plain sentence: does this grid pin down phi? fit_law.py's own verdict
+    (joint.phi_identified) where it gives one; else its rule applied to the bootstrap CI:
+    identified when the CI stays inside the search box (-3, 3) and does not hold both 0 and 1."""
+    try:
+        with open(fit_json) as f:
+            joint = json.load(f)["joint"]
+        phi, ci = joint["phi"], joint.get("phi_ci")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if "phi_identified" in joint:
+        identified = bool(joint["phi_identified"])
+    else:
+        identified = bool(ci) and -3 < ci[0] and ci[1] < 3 and not (ci[0] <= 0 and ci[1] >= 1)
+    ci_text = f", 95% CI [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    if identified:
+        return f"phi is identified by this grid: phi = {phi:.2f}{ci_text}"
+    return (f"phi is NOT identified by this grid (phi = {phi:.2f}{ci_text}): its runs cannot tell "
+            f"what a recurrence is worth; the loss law's other terms are still fitted")
 
 
 # -----------------------------------------------------------------------------
@@ -786,35 +821,52 @@ def print_plan(runs, rate, rate_how, opts):
         print(f"{format_budget(run.budget):>8} {run.size:>3} {run.d_model:>5} {run.r:>2} {k:>2} {inj:<13} "
               f"{run.seed:>4} {human(run.n_once):>7} {human(run.n_rec):>7} {human(run.flops_per_token):>7} "
               f"{run.steps:>6} {human(run.tokens):>7} {run.status:<9} {run.tag}")
+    print(cost_line(runs, rate, rate_how, opts))
+
+
+def cost_line(runs, rate, rate_how, opts):
+    """'total: N runs, C FLOPs, ~cost (how estimated); ...': the dry run's last line, and what a
+    real sweep prints before it starts."""
     budgets = sum(r.budget for r in runs)
     actual = sum(r.train_flops for r in runs)
-    seconds = actual / rate
-    pending = sum(r.status != "ok" for r in runs)
+    pending = [r for r in runs if r.status != "ok"]
+    seconds = sum(r.train_flops for r in pending) / rate
     if opts.preset.cpu:
-        cost = f"~{seconds / 60 / max(opts.jobs, 1):.1f} min with {opts.jobs} run(s) at once"
+        per_run = CPU_START_SECONDS * len(pending) / max(opts.jobs, 1)
+        cost = (f"~{(seconds / max(opts.jobs, 1) + per_run) / 60:.1f} min for what is left with "
+                f"{opts.jobs} run(s) at once, {opts.threads} thread(s) each")
     else:
-        cost = f"~{seconds / 3600 / opts.runs_per_gpu:.2f} GPU-hours"
-    print(f"total: {len(runs)} runs, {budgets:.4g} FLOPs, {cost} ({rate_how}); "
-          f"after rounding steps {actual:.4g} FLOPs; {pending} not yet ok")
+        cost = f"~{seconds / 3600 / opts.runs_per_gpu:.2f} GPU-hours for what is left"
+    return (f"total: {len(runs)} runs, {budgets:.4g} FLOPs, {cost} ({rate_how}); "
+            f"after rounding steps {actual:.4g} FLOPs; {len(pending)} not yet ok")
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, not the usage block (--help still prints it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser():
     presets = "\n".join(f"  {name:<12} {p.about}" for name, p in PRESETS.items())
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=os.environ.get("SWEEP_PROG", "sweep.py"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a grid of train.py runs (budgets x widths x recurrences) and fit the "
                     "scaling law to them with fit_law.py.",
-        epilog=f"presets (--preset NAME; default {DEFAULT_PRESET}):\n{presets}\n\n"
+        epilog=f"presets (--preset NAME; default {GPU_DEFAULT} where a GPU is visible, else {CPU_DEFAULT}):"
+               f"\n{presets}\n\n"
                "Runs whose <out>/<tag>.json says ok are skipped; failed and preempted runs are rerun\n"
                "with --resume (from their newest checkpoint). A failed run never stops the grid.\n"
                "Flags after -- go to every train.py run, e.g.  -- --device-batch 8 --no-compile\n"
                "SWEEP_TRAIN_CMD (env) replaces 'python train.py' in every command (used by the tests).")
-    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="NAME",
-                   help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"one of {', '.join(PRESETS)} (default: {GPU_DEFAULT} on a GPU node, {CPU_DEFAULT} "
+                        f"on a CPU)")
     p.add_argument("--grid", metavar="FILE", help="run the cells of a CSV or JSON file instead of the "
                    "preset's (columns budget, size, r; optional injection, lanes, bptt_k, seed, tag and "
                    "any train.py flag); settings it does not give come from --preset")
@@ -835,7 +887,8 @@ def build_parser():
                         "The GPU time-slices between them, so this hides start-up and compilation "
                         "of short runs; it adds no GPU throughput")
     p.add_argument("--jobs", type=int, default=None,
-                   help="CPU only: runs at once (default: the preset's); threads are split between them")
+                   help="CPU only: runs at once (default: one per core, one thread each); the cores "
+                        "are split between them")
     p.add_argument("--slurm", action="store_true",
                    help="write a Slurm job array (one task per pending run) and a fit job to "
                         "<out>/slurm/ and sbatch them if sbatch exists")
@@ -871,6 +924,9 @@ def parse_args(argv):
         argv, train_args = argv[:cut], argv[cut + 1:]
     opts = build_parser().parse_args(argv)
     opts.train_args = train_args
+    opts.preset_chosen = opts.preset is None
+    if opts.preset is None:
+        opts.preset = GPU_DEFAULT if (opts.gpus if opts.gpus is not None else visible_gpus()) else CPU_DEFAULT
     if opts.preset not in PRESETS:
         raise SweepError(f"--preset {opts.preset!r}: choose one of {', '.join(PRESETS)}")
     opts.preset_name = opts.preset
@@ -881,7 +937,8 @@ def parse_args(argv):
     for text in opts.repeat:
         parts = text.split(":")
         try:
-            repeats.append((float(parts[0]), int(parts[1]), int(parts[2])))
+            size = float(parts[1])
+            repeats.append((float(parts[0]), int(size) if size.is_integer() else size, int(parts[2])))
         except (ValueError, IndexError):
             raise SweepError(f"--repeat {text!r}: expected C:s:r, e.g. 1e18:10:4") from None
     if repeats:
@@ -903,11 +960,19 @@ def parse_args(argv):
     if opts.runs_per_gpu < 1:
         raise SweepError("--runs-per-gpu must be >= 1")
     cores = os.cpu_count() or 1
-    opts.jobs = opts.jobs or min(opts.preset.jobs, cores)
+    opts.jobs = opts.jobs or (min(opts.preset.jobs, cores) if opts.preset.jobs else cores)
     if opts.jobs < 1:
         raise SweepError("--jobs must be >= 1")
     opts.threads = max(1, cores // opts.jobs)
     return opts
+
+
+def why_preset(opts):
+    if not opts.preset_chosen:
+        return ""
+    if opts.gpus:
+        return f" ({opts.gpus} GPU(s) visible; on a CPU the default is {CPU_DEFAULT})"
+    return f" (no GPU visible; on a GPU node the default is {GPU_DEFAULT})"
 
 
 def visible_gpus():
@@ -924,27 +989,16 @@ def visible_gpus():
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
-# Embedded-corpus data dirs sweep.sh builds itself when missing: dir -> prepare_data.py flags.
-# The demo's small vocabulary leaves its tiny CPU models more of their FLOPs for the blocks.
-BUILDABLE_DATA = {"data/local": [], "data/demo": ["--vocab-size", "1024"],
-                  "data/local-site": ["--include-site-packages", "--vocab-size", "8192"],
-                  "data/midi": ["--include-site-packages", "--tokenizer", os.path.join(HERE, "results", "midi")]}
-
-
 def ensure_data(opts):
-    """Builds an embedded-corpus data dir (BUILDABLE_DATA) if it is the data asked for and missing."""
-    if os.path.exists(os.path.join(opts.data, "meta.json")):
-        return
-    flags = BUILDABLE_DATA.get(os.path.normpath(opts.data))
-    if flags is not None:
-        print(f"[sweep] {opts.data} has no meta.json: building the local corpus with prepare_data.py",
-              flush=True)
-        res = subprocess.run([sys.executable, short_path(PREPARE_DATA_PY), "--out", opts.data, *flags])
-        if res.returncode == 0 and os.path.exists(os.path.join(opts.data, "meta.json")):
+    """Builds an embedded corpus (prepare_data.EMBEDDED) if it is the data asked for and missing."""
+    import prepare_data
+    try:
+        if prepare_data.ensure_embedded(opts.data, say=lambda msg: print(f"[sweep] {msg}", flush=True)):
             return
-        raise SweepError(f"prepare_data.py failed (exit {res.returncode}); see its output above")
+    except prepare_data.DataError as err:
+        raise SweepError(str(err)) from None
     raise SweepError(f"--data {opts.data} has no meta.json: build it first with prepare_data.py "
-                     f"(e.g. python prepare_data.py --source fineweb-edu --shards 4)")
+                     f"(e.g. python prepare_data.py --source fineweb-edu --shards 80)")
 
 
 def main(argv=None):
@@ -959,7 +1013,7 @@ def main(argv=None):
                 print(f"# vocab {vocab} assumed ({opts.data} has no meta.json yet)")
         plan(runs, vocab)
         read_status(opts.out, runs)
-        rate, rate_how = throughput(opts.preset, opts.out, opts.threads, opts.runs_per_gpu)
+        rate, rate_how = throughput(opts.preset, opts.out, opts.threads, opts.runs_per_gpu, runs)
         if opts.dry_run:
             print_plan(runs, rate, rate_how, opts)
             return 0
@@ -971,12 +1025,14 @@ def main(argv=None):
             script, fit_script = write_slurm(pending, opts)
             print(f"[sweep] wrote {script} ({len(pending)} array tasks) and {fit_script}")
             return submit_slurm(script, fit_script)
+        print(f"[sweep] preset {opts.preset_name}{why_preset(opts)}: {opts.preset.about}", flush=True)
+        print(f"[sweep] plan: {cost_line(runs, rate, rate_how, opts)[len('total: '):]}", flush=True)
         ensure_data(opts)
         if data_vocab_size(opts.data) != vocab:      # data was just built: plan with its vocab
             plan(runs, data_vocab_size(opts.data))
         os.makedirs(opts.out, exist_ok=True)
         print(f"[sweep] preset {opts.preset_name}: {len(runs)} runs, {len(runs) - len(pending)} already ok, "
-              f"{len(pending)} to run -> {opts.out}", flush=True)
+              f"{len(pending)} to run -> {opts.out} (the runs one by one: add --dry-run)", flush=True)
         results = run_locally(pending, opts, rate) if pending else {}
         failed = sorted(tag for tag, status in results.items() if status != "ok")
         if failed:

@@ -1,27 +1,33 @@
 """
 Train one looped GPT with the paper's recipe and write one JSON that fit_law.py reads.
 
+    python train.py --r 4                              # sized for this machine; every GPU it sees
     python train.py --size 10 --r 4 --target-flops 1e18 --data data/fineweb-edu
-    torchrun --nproc_per_node=8 train.py ...          # data parallel, same result
+    torchrun --nproc_per_node=8 train.py -- --r 4      # flags after --: torchrun would take --r
 
 Flow of one run:
-    flags -> GPTConfig (model.py) -> horizon: steps = round(C / (F*B)), D = steps*B
+    flags -> the machine's profile fills the flags not given (CPU: a demo-sized run on data/demo;
+             GPU: the paper's recipe), said in one line; more than one GPU: one process per GPU
+          -> GPTConfig (model.py) -> horizon: steps = round(C / (F*B)), D = steps*B
           -> learning rates (HyperP rules of SPEC.md section 3)
+          -> the data (an embedded corpus is built if missing)
           -> for each step: TrainLoader (prepare_data.py) gives the step's windows,
              gradient accumulation over micro-batches, MuonH on block matrices, AdamW on the rest,
              linear decay 1.0 -> 0.1
           -> validation loss (nats/token) and bits per byte on a fixed val prefix
           -> <out>/<tag>.json, status "ok" | "failed" | "preempted"
 
-Checkpoints (--save-every, SIGTERM/SIGUSR1) go to <out>/<tag>/ and --resume continues the newest
-bit for bit. `--dry-run` prints the plan without data; `--bench` times steps on random tokens.
+Checkpoints (--save-every; Ctrl-C, SIGTERM, SIGUSR1) go to <out>/<tag>/ and --resume continues the
+newest bit for bit. `--dry-run` prints the plan without data; `--bench` times steps on random tokens.
 """
 
 import argparse
 import json
 import math
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +52,24 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "
               "A10": 125e12, "4090": 165e12, "B200": 2250e12}
 
 
+# What the flags a command line leaves out become. The paper's recipe is the parser's own defaults;
+# on a CPU a run of the same design, sized to finish in a minute or two (the demo grid's shapes).
+# The horizon is a compute budget: on a GPU the paper's smallest (about 15 min on one H100 at
+# s=10), or a fifth of it on the embedded corpus, which has ~88M tokens, not FineWeb-Edu's billions.
+CPU_PROFILE = dict(size=1, n_prelude=1, n_coda=1, head_dim=32, seq_len=128, batch_tokens=2048,
+                   data="data/demo", target_flops=1.5e12)
+GPU_BUDGET = {"data/fineweb-edu": 4.64e17, "data/local-site": 1e17}
+CPU_RECURRENT_LAYERS = 4               # depth = n_prelude + 4 + n_coda when 4 % r == 0
+PROFILES_HELP = """\
+Flags not given are filled by --profile:
+  paper  the defaults shown above; data/fineweb-edu if built, else data/local-site (built here,
+         offline); without a horizon, --target-flops 4.64e17 (1e17 on data/local-site)
+  cpu    --size 1, depth 1 + r*ceil(4/r) + 1, --head-dim 32, --seq-len 128, --batch-tokens 2048,
+         data/demo (built here, offline), --target-flops 1.5e12: a minute or two on 2 cores
+The run's first line says what was chosen. Under torchrun put the flags after --:
+  torchrun --standalone --nproc_per_node=N train.py -- --r 4"""
+
+
 class RunError(Exception):
     """A problem with the run's inputs: reported in one line, no traceback."""
 
@@ -53,24 +77,51 @@ class RunError(Exception):
 # -----------------------------------------------------------------------------
 # Command line
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default unless its help already says it (or it depends on the machine)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr, not the usage block (--help still prints it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def size_arg(text):
+    """--size through model.width_scale, its complaint as argparse's one-line error."""
+    try:
+        return width_scale(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err) if "must be" in str(err) else
+                                         f"width scale {text!r} is not a number") from None
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=HelpFormatter,
+                      epilog=PROFILES_HELP)
     m = p.add_argument_group("model (see model.py)")
-    m.add_argument("--size", type=width_scale, default=10,
+    m.add_argument("--size", type=size_arg, default=10,
                    help="width scale s: d_model = 64*s rounded up to head_dim (fractions too: 0.5 with "
                         "--head-dim 32 is d_model 32)")
     m.add_argument("--r", "--recurrences", dest="r", type=int, default=1,
                    help="recurrences of the shared block (1 = plain GPT); under torchrun on Python 3.11 "
                         "write --recurrences (torchrun's own parser rejects --r as ambiguous)")
     m.add_argument("--depth", type=int, default=20, help="effective depth n_prelude + r*n_recur + n_coda")
-    m.add_argument("--n-prelude", type=int, default=2)
-    m.add_argument("--n-coda", type=int, default=2)
-    m.add_argument("--injection", default="linear", choices=INJECTIONS)
+    m.add_argument("--n-prelude", type=int, default=2, help="layers before the shared block")
+    m.add_argument("--n-coda", type=int, default=2, help="layers after it")
+    m.add_argument("--injection", default="linear", choices=INJECTIONS,
+                   help="how the prelude's output re-enters each recurrence")
     m.add_argument("--lanes", type=int, default=2, help="hyperconnect lanes K")
     m.add_argument("--bptt-k", type=int, default=None, help="recurrences with gradient (default: all)")
-    m.add_argument("--head-dim", type=int, default=128)
-    m.add_argument("--seq-len", type=int, default=2048)
+    m.add_argument("--head-dim", type=int, default=128, help="width of one attention head")
+    m.add_argument("--seq-len", type=int, default=2048, help="tokens per training window T")
     m.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size; only needed without --data (--dry-run, --bench)")
     h = p.add_argument_group("horizon (exactly one)")
@@ -92,7 +143,10 @@ def build_parser():
     b.add_argument("--seed", type=int, default=0, help="initialisation seed")
     b.add_argument("--data-seed", type=int, default=None, help="data order seed (default: --seed)")
     d = p.add_argument_group("data, evaluation, output")
-    d.add_argument("--data", default="data/local", help="directory written by prepare_data.py")
+    d.add_argument("--data", default=None,
+                   help="directory written by prepare_data.py (default: by machine, below); the "
+                        "embedded corpora data/demo, data/local, data/local-site, data/midi are built "
+                        "if missing")
     d.add_argument("--train-tokens", type=float, default=None,
                    help="train on a fixed random subset of this many tokens of the train split "
                         "(whole windows), repeating it as needed: a data-repetition control")
@@ -108,7 +162,15 @@ def build_parser():
     d.add_argument("--keep-checkpoints", type=int, default=2)
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this tag, if any")
     s = p.add_argument_group("system")
-    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
+    s.add_argument("--profile", default="auto", choices=["auto", "paper", "cpu"],
+                   help="what fills the flags not given (default auto: paper on a GPU, cpu on a CPU; below)")
+    s.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine, one per GPU, data parallel (default: every visible "
+                        "GPU; 1 on a CPU; ignored under torchrun or srun, which start the processes)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of this process (default: OMP_NUM_THREADS if set, else this "
+                        "process's share of the cores that other work leaves idle)")
     s.add_argument("--no-compile", action="store_true", help="skip torch.compile (always off on CPU)")
     s.add_argument("--compile-mode", default=None, choices=["max-autotune-no-cudagraphs", "reduce-overhead"],
                    help="torch.compile mode. reduce-overhead replays forward and backward as CUDA graphs "
@@ -129,6 +191,75 @@ def build_parser():
     s.add_argument("--bench-steps", type=int, default=12)
     s.add_argument("--debug-nan-at", type=int, default=None, help=argparse.SUPPRESS)  # tests: poison a step
     return p
+
+
+def given_flags(argv):
+    """The dests the command line sets itself (a parse in which every default is left out)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def fill_defaults(args, given, on_gpu):
+    """Fills what the command line left out from the machine's profile; -> a one-line summary of
+    the choices (None when the command line chose everything that matters)."""
+    profile = args.profile if args.profile != "auto" else ("paper" if on_gpu else "cpu")
+    filled = []
+    if profile == "cpu":
+        for key, value in CPU_PROFILE.items():
+            if key not in given and key != "target_flops":
+                setattr(args, key, value)
+                filled.append(key)
+        if "depth" not in given:
+            args.depth = args.n_prelude + args.n_coda + args.r * math.ceil(CPU_RECURRENT_LAYERS / args.r)
+            filled.append("depth")
+    elif "data" not in given:
+        args.data = "data/fineweb-edu" if os.path.exists("data/fineweb-edu/meta.json") else "data/local-site"
+        filled.append("data")
+    if args.data is None:
+        args.data = "data/fineweb-edu"
+    horizon_given = {"target_flops", "tokens", "steps"} & given
+    if not horizon_given and not args.bench:
+        args.target_flops = CPU_PROFILE["target_flops"] if profile == "cpu" else GPU_BUDGET.get(
+            os.path.normpath(args.data), GPU_BUDGET["data/fineweb-edu"])
+        filled.append("target_flops")
+    if not filled:
+        return None
+    horizon = (f"budget {args.target_flops:.3g} FLOPs" if args.target_flops is not None else
+               f"{args.tokens:.3g} tokens" if args.tokens is not None else f"{args.steps} steps")
+    return (f"{profile} profile ({'GPU' if on_gpu else 'CPU'}; flags given win): s={args.size:g}, "
+            f"r={args.r}, depth {args.depth} ({args.n_prelude} + {args.depth - args.n_prelude - args.n_coda} "
+            f"+ {args.n_coda}), head_dim {args.head_dim}, T {args.seq_len}, B {args.batch_tokens:,} "
+            f"tokens/step, {horizon}, data {args.data}")
+
+
+def cpu_threads(args, local_procs):
+    """Threads for this process on a CPU: OMP_NUM_THREADS or --threads if given, else this process's
+    share of the cores other work leaves idle. Two threads on a 2-core machine busy with other work
+    ran demo-sized models 6-26x slower than one (the threads wait on each other's time slices)."""
+    if args.threads:
+        return args.threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = os.cpu_count() or 1
+    return max(1, min(cores // max(local_procs, 1), round(idle_cores(cores))))
+
+
+def idle_cores(cores, seconds=0.3):
+    """Cores idle over a short look at /proc/stat (now, not the load average, which remembers
+    the previous run for minutes); all of them where /proc/stat cannot be read."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)       # idle + iowait, all
+    try:
+        idle0, all0 = sample()
+        time.sleep(seconds)
+        idle1, all1 = sample()
+    except (OSError, ValueError, IndexError):
+        return cores
+    return cores * (idle1 - idle0) / max(all1 - all0, 1)
 
 
 def model_config(args, vocab_size):
@@ -217,6 +348,10 @@ def orthogonalize(G, dtype=torch.bfloat16):
     return X[0] if single else X
 
 
+# torch 2.13 renamed all_gather_into_tensor (and warns on every call); the GPU nodes run 2.11
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class MuonH(torch.optim.Optimizer):
     """Nesterov momentum -> orthogonalised update scaled to the matrix's radius -> step ->
     project the matrix back onto its sphere. The radius (Frobenius norm at initialisation) lives
@@ -261,7 +396,7 @@ class MuonH(torch.optim.Optimizer):
             if hi > lo:
                 mine[:hi - lo] = self.new_matrices(params[lo:hi], nesterov[lo:hi], lr)
             gathered = params[0].new_empty((world * per_rank, *params[0].shape))
-            dist.all_gather_into_tensor(gathered, mine)
+            all_gather(gathered, mine)
             W = gathered[:len(params)]
         torch._foreach_copy_(params, list(W.unbind(0)))
 
@@ -333,8 +468,8 @@ def default_device_batch(cfg, rows_per_step, world, device):
         mem = torch.cuda.get_device_properties(device).total_memory
         # calibrated so s=10 fits 32 rows and s=20 fits 16 rows of 2048 on an 80 GB card
         budget_rows = mem / 80e9 * 8.4e8 / (cfg.seq_len * cfg.d_model * cfg.depth)
-    else:
-        budget_rows = 8
+    else:   # small models: one micro-step per step (per-call overhead dominates); big ones: ~1 GB
+        budget_rows = max(8, 1e7 / (cfg.seq_len * cfg.d_model * cfg.depth))
     rows = 1
     while rows * 2 <= min(per_rank, budget_rows) and per_rank % (rows * 2) == 0:
         rows *= 2
@@ -482,6 +617,7 @@ class Run:
         self.rank, self.local_rank, self.world, self.device = setup_distributed(args)
         self.master = self.rank == 0
         self.stop_requested = False
+        self.stop_signal = None
         self.cuda_graphs = False      # torch.compile mode reduce-overhead: set once the model is compiled
 
     def log(self, msg):
@@ -528,20 +664,49 @@ def batch_layout(args, cfg, run):
     return device_batch, rows_per_step // (run.world * device_batch)
 
 
+def ready_data(args, run):
+    """-> the data's meta.json; an embedded corpus that is missing is built first (by local rank 0
+    while the other ranks wait)."""
+    try:
+        built = True
+        if run.local_rank == 0:
+            built = prepare_data.ensure_embedded(args.data, say=lambda msg: print(msg, flush=True))
+        if run.world > 1:
+            dist.barrier()
+        if not built:
+            raise RunError(f"{args.data} has no meta.json: build it with prepare_data.py (FineWeb-Edu: "
+                           f"python prepare_data.py --source fineweb-edu --shards 80), or leave out "
+                           f"--data: data/demo and data/local-site are built here, offline")
+        return prepare_data.load_meta(args.data)
+    except prepare_data.DataError as err:
+        raise RunError(str(err)) from None
+
+
+def planning_vocab(data_dir):
+    """The data's vocabulary if it is built, else the paper's (a plan needs one, not the data)."""
+    try:
+        return prepare_data.load_meta(data_dir)["vocab_size"]
+    except (prepare_data.DataError, KeyError, TypeError):
+        return 32001
+
+
 def train(args):
     run = Run(args)
+    if args.choices and not args.dry_run:
+        run.log(args.choices)
+    if run.device.type == "cpu":
+        local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", run.world))
+        torch.set_num_threads(cpu_threads(args, local_procs))
     meta = None
     if args.bench or args.dry_run:
-        vocab = args.vocab_size or 32001
+        vocab = args.vocab_size or planning_vocab(args.data)
     else:
-        try:
-            meta = prepare_data.load_meta(args.data)
-        except prepare_data.DataError as err:
-            raise RunError(str(err)) from None
+        meta = ready_data(args, run)
         vocab = meta["vocab_size"]
     cfg = model_config(args, vocab)
     plan = plan_run(args, cfg, meta)
     if args.dry_run:
+        plan["chosen"] = args.choices
         peak, peak_desc = peak_flops(run.device)
         if peak:   # an estimate, not a measurement: 40% MFU is what a tuned run reaches here
             plan["estimated_hours"] = plan["train_flops"] / (0.4 * peak * run.world) / 3600
@@ -575,6 +740,7 @@ def train(args):
     record = dict(plan, status="running", error=None, tag=tag, device_batch=device_batch,
                   grad_accum=n_micro, world_size=run.world,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  threads=torch.get_num_threads() if device.type == "cpu" else None,
                   mfu_peak=peak_desc, torch_version=torch.__version__, cuda_version=torch.version.cuda,
                   git_commit=commit, git_dirty=dirty, command=" ".join(sys.argv), compiled=use_compile)
 
@@ -596,14 +762,17 @@ def train(args):
         run.log(f"resumed {ckpt} at step {start_step}")
 
     def request_stop(signum, frame):
-        run.stop_requested = True
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        if signum == signal.SIGINT and run.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt          # a second Ctrl-C: stop now, without a checkpoint
+        run.stop_requested, run.stop_signal = True, signum
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, request_stop)
 
+    threads = f", {record['threads']} thread(s)" if record["threads"] else ""
     run.log(f"run {tag}: d_model={cfg.d_model} layout {cfg.n_prelude}-{cfg.n_recur}x{cfg.r}-{cfg.n_coda} "
             f"N_once={plan['n_once']:,} N_rec={plan['n_rec']:,} F/token={plan['flops_per_token']:.4g} "
             f"steps={steps} D={plan['tokens']:,} micro-batch {device_batch}x{n_micro}x{run.world} "
-            f"muon lr={plan['lr']['matrix']:.4g} on {record['device']} ({peak_desc})")
+            f"muon lr={plan['lr']['matrix']:.4g} on {record['device']} ({peak_desc}{threads})")
 
     def finish(status, error=None, extra=None):
         record.update(status=status, error=error, history=history, **(extra or {}))
@@ -638,12 +807,16 @@ def train(args):
         return 0
     except Preempted as stop:
         step = stop.args[0]
+        path = None
         if run.master:
             path = save_checkpoint(args, tag, step, model, optimizers, history, elapsed_before + time.time() - t_start)
-            run.log(f"preempted at step {step}: saved {path}")
         finish("preempted", error=f"stopped by signal at step {step}; rerun with --resume",
                extra=dict(preempted_at_step=step))
-        return 0
+        script = os.path.relpath(sys.argv[0]) if not os.path.relpath(sys.argv[0]).startswith("..") else sys.argv[0]
+        resume = shlex.join(["python", script, *sys.argv[1:]]) + ("" if args.resume else " --resume")
+        run.log(f"stopped at step {step}/{steps}: checkpoint {path}, status preempted in {json_path}; "
+                f"to finish: {resume}")
+        return 130 if run.stop_signal == signal.SIGINT else 0
     except FloatingPointError as err:
         finish("failed", error=str(err))
         run.log(f"failed: {err}")
@@ -786,21 +959,70 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
                   device_batch=device_batch, grad_accum=n_micro, world_size=run.world,
                   step_seconds=step_time, tokens_per_second=tok_s, mfu=mfu, peak_memory_gib=mem,
                   loss=loss.item() * n_micro, flops_per_token=record["flops_per_token"],
-                  batch_tokens=B, warmup_steps=warmup, step_ends=step_ends)
+                  threads=record["threads"], batch_tokens=B, warmup_steps=warmup, step_ends=step_ends)
     if run.master:
         print("BENCH " + json.dumps(result), flush=True)
     return 0
 
 
+def launched_by_someone_else():
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def spread_over_processes(argv, nproc):
+    """Starts nproc copies of this command, ranks 0..nproc-1 on this machine (what torchrun
+    --standalone does), and waits for them. Ctrl-C reaches them from the terminal: each saves a
+    checkpoint and says so; this process only waits, so nothing prints a traceback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: [p.send_signal(signum) for p in procs if p.poll() is None])
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.5)
+        if failed_at is None and any(p.poll() not in (None, 0, 130) for p in procs):
+            failed_at = time.time()
+        if failed_at and time.time() - failed_at > 30:    # the others wait on the dead rank forever
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    codes = [p.returncode for p in procs]
+    return next((c for c in codes if c not in (0, 130)), max(codes))
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if (args.bench or args.dry_run) and all(x is None for x in (args.target_flops, args.tokens, args.steps)):
-        args.steps = args.bench_steps if args.bench else None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:          # torchrun ... train.py -- --r 4 (torchrun would take --r itself)
+        argv = argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("r", "nproc", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not launched_by_someone_else() and not (args.dry_run or args.bench):
+        nproc = args.nproc or (torch.cuda.device_count() if args.device != "cpu" else 1)
+        if nproc > 1:
+            return spread_over_processes(argv, nproc)
+    if args.bench and all(x is None for x in (args.target_flops, args.tokens, args.steps)):
+        args.steps = args.bench_steps
+    on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    args.choices = fill_defaults(args, given_flags(argv), on_gpu)
     try:
         code = train(args)
     except RunError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted; nothing saved at this point (one Ctrl-C during training steps "
+              "saves a checkpoint)", file=sys.stderr)
+        code = 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -133,8 +133,38 @@ def test_mini_and_demo_designs(tmp_path):
     narrow = [row for row in mini if row["s"] == "0.5"]
     assert len(narrow) == 4 and {row["d"] for row in narrow} == {"32"}
     assert {float(row["budget"]) for row in narrow} == {4.64e14}
-    demo, _ = dry_run("demo", tmp_path)
-    assert {int(row["r"]) for row in demo} == {1, 2, 4} and len(demo) == 27
+    demo, total = dry_run("demo", tmp_path)
+    assert {int(row["r"]) for row in demo} == {1, 4} and len(demo) == 18
+    assert {row["d"] for row in demo} == {"16", "32", "48"}
+    assert all(sum(row["budget"] == b for row in demo) == 6 for b in {row["budget"] for row in demo})
+    minutes = float(total.split("~")[1].split()[0])
+    assert minutes <= 6                                   # the planned cost on 2 cores
+
+
+def test_default_preset_follows_the_machine(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(sweep, "visible_gpus", lambda: 0)
+    opts = sweep.parse_args([])
+    assert opts.preset_name == "demo" and opts.gpus == 0
+    assert opts.jobs == (os.cpu_count() or 1) and opts.threads == 1    # one thread per run
+    assert "no GPU visible" in sweep.why_preset(opts)
+    monkeypatch.setattr(sweep, "visible_gpus", lambda: 8)
+    opts = sweep.parse_args([])
+    assert opts.preset_name == "mini" and opts.gpus == 8 and "8 GPU(s) visible" in sweep.why_preset(opts)
+    assert sweep.parse_args(["--preset", "demo"]).preset_name == "demo"
+    assert sweep.why_preset(sweep.parse_args(["--preset", "demo"])) == ""
+
+
+@pytest.mark.parametrize("joint,words", [
+    (dict(phi=-0.69, phi_ci=[-3.0, 3.0]), "phi is NOT identified"),
+    (dict(phi=0.54, phi_ci=[0.01, 0.82]), "phi is identified by this grid: phi = 0.54"),
+    (dict(phi=0.3, phi_ci=[-0.5, 1.4]), "NOT identified"),            # spans both 0 and 1
+    (dict(phi=0.3, phi_ci=[0.1, 0.5], phi_identified=False), "NOT identified"),   # fit_law's word wins
+])
+def test_the_report_says_whether_phi_is_identified(tmp_path, joint, words):
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"joint": joint}))
+    assert words in sweep.identification_line(str(path))
 
 
 def test_seeds_and_repeats(tmp_path):
@@ -144,7 +174,7 @@ def test_seeds_and_repeats(tmp_path):
     assert {r["tag"] for r in rows} >= {"C1e18_s10_r4_linear_seed1", "C1e18_s10_r4_linear_seed2"}
     rows, _ = plan_rows(run_main(sweep.main, "--preset", "demo", "--dry-run", "--out", str(tmp_path),
                                  "--seeds", "0,1").stdout)
-    assert len(rows) == 54
+    assert len(rows) == 36
 
 
 @pytest.mark.parametrize("args, words", [
@@ -153,6 +183,7 @@ def test_seeds_and_repeats(tmp_path):
     (["--seeds", "a,b", "--dry-run"], "comma-separated"),
     (["--preset", "paper", "--data", "/no/data", "--gpus", "1"], "no meta.json"),
     (["--preset", "mini", "--runs-per-gpu", "0", "--dry-run"], "--runs-per-gpu must be >= 1"),
+    (["--jobs", "x"], "invalid int value"),
 ])
 def test_bad_input_is_one_line(args, words, tmp_path):
     res = run_main(sweep.main, *args, "--out", str(tmp_path))
@@ -188,6 +219,7 @@ def test_tiny_sweep_runs_skips_and_fits(tiny_data, tmp_path):
     assert statuses(out) == {t: "ok" for t in (f"C{c}_s1_r{r}_{inj}_seed0" for c in ("2e09", "4e09", "8e09")
                                                for r, inj in ((1, "none"), (2, "linear")))}
     assert os.path.exists(os.path.join(out, "fit.json")) and os.path.getsize(os.path.join(out, "fit.txt"))
+    assert "[sweep] plan: 6 runs" in res.stdout and "identified" in res.stdout
     assert len(os.listdir(os.path.join(out, "logs"))) == 6
     assert not any(os.path.isdir(os.path.join(out, t)) for t in statuses(out))   # checkpoints cleaned
     again = sweep_sh("--preset", "tiny", "--data", tiny_data, "--out", out, "--no-fit")

@@ -162,10 +162,10 @@ def run_train(*flags, check=True, env=None):
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (["--size", "10", "--r", "4", "--target-flops", "1e18", "--vocab-size", "32001"],
+    (["--profile", "paper", "--size", "10", "--r", "4", "--target-flops", "1e18", "--vocab-size", "32001"],
      dict(d_model=640, n_once=4 * 4916480 + 1920, n_rec=4 * 4916480 + 2 * 640 ** 2,
           flops_per_token=1047336960, steps=3642, tokens=3642 * 2 ** 18)),
-    (["--size", "20", "--r", "1", "--tokens", "2.62144e9", "--vocab-size", "32001",
+    (["--profile", "paper", "--size", "20", "--r", "1", "--tokens", "2.62144e9", "--vocab-size", "32001",
       "--batch-tokens", "131072"],
      dict(d_model=1280, n_once=3 * 1280, n_rec=20 * (12 * 1280 ** 2 + 2 * 1280),
           flops_per_token=3235000320, steps=20000, n_embedding=32064 * 1280)),
@@ -179,15 +179,75 @@ def test_dry_run_plan(flags, expect):
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--dry-run", "--vocab-size", "100"], "exactly one of"),
-    (["--dry-run", "--vocab-size", "100", "--steps", "5", "--r", "3"], "does not divide"),
+    (["--dry-run", "--vocab-size", "100", "--steps", "5", "--tokens", "1e6"], "exactly one of"),
+    (["--dry-run", "--vocab-size", "100", "--steps", "5", "--r", "3", "--depth", "6"], "does not divide"),
     (["--steps", "5", "--data", "/nonexistent/dir"], "prepare_data.py"),
+    (["--size", "0"], "must be positive"),
+    (["--size", "x", "--r", "4"], "not a number"),
+    (["--r"], "expected one argument"),
+    (["--r", "0"], "--r must be at least 1"),
+    (["--threads", "-1", "--dry-run"], "--threads must be at least 1"),
 ])
 def test_bad_flags_give_one_line_errors(flags, words):
     proc = run_main(train.main, *flags)
     assert proc.returncode == 2
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_states_each_default_once():
+    out = run_train("--help").stdout
+    assert "(default: all) (default" not in out and "(default: None)" not in out
+    assert "--profile" in out and "torchrun --standalone --nproc_per_node=N train.py -- --r 4" in out
+
+
+def parse_filled(argv, on_gpu):
+    args = train.build_parser().parse_args(argv)
+    choices = train.fill_defaults(args, train.given_flags(argv), on_gpu)
+    return args, choices
+
+
+def test_machine_profiles_fill_only_what_was_not_given():
+    args, choices = parse_filled(["--r", "4"], on_gpu=False)
+    assert (args.size, args.depth, args.n_prelude, args.head_dim, args.seq_len, args.batch_tokens,
+            args.data, args.target_flops) == (1, 6, 1, 32, 128, 2048, "data/demo", 1.5e12)
+    assert choices.startswith("cpu profile") and "budget 1.5e+12" in choices and "\n" not in choices
+    assert parse_filled(["--r", "8"], on_gpu=False)[0].depth == 10      # 1 + 8 + 1: r divides it
+    args, _ = parse_filled(["--r", "2", "--size", "3", "--steps", "7", "--data", "d"], on_gpu=False)
+    assert (args.size, args.steps, args.target_flops, args.data, args.depth) == (3, 7, None, "d", 6)
+    args, choices = parse_filled(["--r", "4"], on_gpu=True)
+    assert (args.size, args.depth, args.head_dim, args.seq_len, args.batch_tokens) == (10, 20, 128, 2048, 2 ** 18)
+    assert args.data in ("data/fineweb-edu", "data/local-site") and choices.startswith("paper profile")
+    assert args.target_flops == {"data/fineweb-edu": 4.64e17, "data/local-site": 1e17}[args.data]
+    args, _ = parse_filled(["--r", "4", "--profile", "paper"], on_gpu=False)
+    assert (args.depth, args.seq_len) == (20, 2048)
+
+
+def test_cpu_threads_follow_the_environment_and_the_number_of_processes(monkeypatch):
+    args = train.build_parser().parse_args([])
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train.cpu_threads(args, 1) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(train, "idle_cores", lambda cores, seconds=0.3: cores)
+    assert train.cpu_threads(args, 1) == 8 and train.cpu_threads(args, 2) == 4
+    monkeypatch.setattr(train, "idle_cores", lambda cores, seconds=0.3: 1.2)   # others use the rest
+    assert train.cpu_threads(args, 1) == 1
+    assert train.cpu_threads(train.build_parser().parse_args(["--threads", "5"]), 4) == 5
+
+
+def test_fresh_directory_builds_the_demo_corpus_and_runs(tmp_path):
+    """`python train.py --r 2` in a directory without data: data/demo is built, then the run goes
+    (a few steps here; the CPU profile's own budget takes a minute or two)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--r", "2", "--steps", "3",
+                           "--eval-tokens", "2048", "--samples", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=single_thread_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data/demo is missing: building it" in proc.stdout
+    assert proc.stdout.splitlines()[0].startswith("cpu profile")
+    tag = "s1_1-2x2-1_linear_hd32_S3_T128_B2048_seed0_demo"
+    rec = read_run(str(tmp_path / "runs"), tag)
+    assert rec["status"] == "ok" and rec["vocab_size"] == 1024 and rec["threads"] == 1
 
 
 # ---- whole runs on CPU -------------------------------------------------------------------------
@@ -266,11 +326,15 @@ def test_bench_table_names_the_gpu_and_compares_with_the_authors():
     assert lines[4].startswith("s20r4") and "error: CUDA out of memory" in lines[4]
 
 
-def run_torchrun(*flags):
-    """train.py on two CPU ranks under torchrun."""
-    under_torchrun = ["--recurrences" if f == "--r" else f for f in flags]  # see train.py --help
+def run_torchrun(*flags, dashdash=True):
+    """train.py on two CPU ranks under torchrun. dashdash: README's form, flags after --, so
+    that torchrun does not read --r as one of its own options; without it the long spelling
+    --recurrences must be used (see train.py --help)."""
+    if not dashdash:
+        flags = ["--recurrences" if f == "--r" else f for f in flags]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", os.path.join(ROOT, "train.py"), *under_torchrun],
+                           "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+                           *(["--"] if dashdash else []), *flags],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=single_thread_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -283,8 +347,8 @@ def whole_run_flags(tiny_data, tag):
 
 @pytest.fixture(scope="session")
 def whole_run(tiny_data, tmp_path_factory):
-    """One uninterrupted single-process run of whole_run_flags, which the torchrun, preemption
-    and resharding tests each compare with (the tag names files only)."""
+    """One uninterrupted single-process run of whole_run_flags, which the torchrun, preemption,
+    Ctrl-C and resharding tests each compare with (the tag names files only)."""
     out = str(tmp_path_factory.mktemp("whole"))
     run_train(*whole_run_flags(tiny_data, "whole"), "--device-batch", "8", "--out", out,
               env=single_thread_env())
@@ -301,23 +365,30 @@ shares_whole_run = pytest.mark.xdist_group("whole_run")
 def test_torchrun_two_ranks_match_one_process(tiny_data, tmp_path, whole_run):
     two = str(tmp_path / "two")
     run_torchrun(*whole_run_flags(tiny_data, "x"), "--device-batch", "4", "--out", two)
-    a, b = whole_run, read_run(two, "x")
-    assert b["world_size"] == 2
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    # train.py's own launcher (what `python train.py` does with every visible GPU): the same
+    three = str(tmp_path / "three")
+    run_train(*whole_run_flags(tiny_data, "x"), "--nproc", "2", "--device-batch", "4", "--out", three,
+              env=single_thread_env())
+    for b in (read_run(two, "x"), read_run(three, "x")):
+        assert b["world_size"] == 2
+        assert b["train_loss"] == pytest.approx(whole_run["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(whole_run["val_loss"], rel=1e-4)
 
 
-def preempt_after(flags, out, step):
-    """Start a run and send it SIGTERM (what Slurm sends) once it has logged `step`."""
+def preempt_after(flags, out, step, sig=signal.SIGTERM):
+    """Start a run and send it sig (SIGTERM: what Slurm sends; SIGINT: Ctrl-C) once it has logged
+    `step`; -> (exit code, stdout after the signal, stderr)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out", out,
-                             "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env=single_thread_env())
+                             "--log-every", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=single_thread_env())
     for line in proc.stdout:
         if line.startswith("step") and int(line.split()[1].split("/")[0]) >= step:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             break
-    proc.stdout.read()
-    assert proc.wait(timeout=300) == 0
+    rest, err = proc.communicate(timeout=300)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0, err[-3000:]
+    return proc.returncode, rest, err
 
 
 @pytest.mark.slow
@@ -338,6 +409,22 @@ def test_preempted_run_resumes_to_the_same_result(tiny_data, tmp_path, whole_run
 
 @pytest.mark.slow
 @shares_whole_run
+def test_ctrl_c_checkpoints_like_preemption_and_resume_finishes(tiny_data, tmp_path, whole_run):
+    common = whole_run_flags(tiny_data, "c")
+    split = str(tmp_path / "split")
+    code, rest, err = preempt_after(common, split, step=5, sig=signal.SIGINT)
+    assert code == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err
+    said = [l for l in rest.splitlines() if l.strip() and not l.startswith("step")]
+    assert len(said) == 1 and said[0].startswith("stopped at step") and "--resume" in said[0]
+    rec = read_run(split, "c")
+    assert rec["status"] == "preempted" and 5 <= rec["preempted_at_step"] < 30
+    run_train(*common, "--out", split, "--resume", env=single_thread_env())
+    assert read_run(split, "c")["status"] == "ok"
+    assert read_run(split, "c")["val_loss"] == whole_run["val_loss"]
+
+
+@pytest.mark.slow
+@shares_whole_run
 def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path, whole_run):
     """A run started on one process and resumed on two (same global batch) ends where an
     uninterrupted single-process run ends."""
@@ -345,7 +432,7 @@ def test_checkpoint_resumes_on_a_different_number_of_ranks(tiny_data, tmp_path, 
     split = str(tmp_path / "split")
     preempt_after(common, split, step=6)
     assert read_run(split, "w")["status"] == "preempted"
-    run_torchrun(*common, "--out", split, "--resume", "--device-batch", "4")
+    run_torchrun(*common, "--out", split, "--resume", "--device-batch", "4", dashdash=False)
     a, b = whole_run, read_run(split, "w")
     assert b["status"] == "ok" and b["world_size"] == 2
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
