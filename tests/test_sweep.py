@@ -150,7 +150,7 @@ def test_default_preset_follows_the_machine(monkeypatch):
     assert "no GPU visible" in sweep.why_preset(opts)
     monkeypatch.setattr(sweep, "visible_gpus", lambda: 8)
     opts = sweep.parse_args([])
-    assert opts.preset_name == "mini" and opts.gpus == 8 and "8 GPU(s) visible" in sweep.why_preset(opts)
+    assert opts.preset_name == "midi" and opts.gpus == 8 and "8 GPU(s) visible" in sweep.why_preset(opts)
     assert sweep.parse_args(["--preset", "demo"]).preset_name == "demo"
     assert sweep.why_preset(sweep.parse_args(["--preset", "demo"])) == ""
 

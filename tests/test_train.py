@@ -342,7 +342,8 @@ def run_torchrun(*flags, dashdash=True):
 def whole_run_flags(tiny_data, tag):
     """30 steps of TINY. One process takes 8 rows per micro-step (--device-batch 8, the CPU
     default), two ranks take 4 each: the same 16 rows of every step."""
-    return [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", tag]
+    return [*TINY, "--data", tiny_data, "--steps", "30", "--samples", "0", "--tag", tag,
+            "--device-batch", "8"]      # two ranks append --device-batch 4 (the last one counts)
 
 
 @pytest.fixture(scope="session")
@@ -350,7 +351,7 @@ def whole_run(tiny_data, tmp_path_factory):
     """One uninterrupted single-process run of whole_run_flags, which the torchrun, preemption,
     Ctrl-C and resharding tests each compare with (the tag names files only)."""
     out = str(tmp_path_factory.mktemp("whole"))
-    run_train(*whole_run_flags(tiny_data, "whole"), "--device-batch", "8", "--out", out,
+    run_train(*whole_run_flags(tiny_data, "whole"), "--out", out,
               env=single_thread_env())
     return read_run(out, "whole")
 
@@ -471,7 +472,7 @@ def test_ddp_compiles_one_graph_unless_overlap_is_asked():
 
 
 def test_lr_scale_multiplies_every_learning_rate():
-    flags = ["--dry-run", "--size", "2", "--r", "4", "--depth", "12", "--head-dim", "64",
+    flags = ["--dry-run", "--profile", "paper", "--size", "2", "--r", "4", "--depth", "12", "--head-dim", "64",
              "--vocab-size", "2048", "--tokens", "1.6e7", "--batch-tokens", "16384"]
     base = json.loads(run_train(*flags).stdout)["lr"]
     doubled = json.loads(run_train(*flags, "--lr-scale", "2").stdout)
