@@ -119,6 +119,11 @@ MIDI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_d
                      seq_len=512, batch_tokens=16384, samples=0)
 
 
+# Small models are bound by a per-step floor (launches, host work), not FLOPs: the pilots' two
+# rounds of six runs per H200 took 1.6x and 1.1x sum(steps) x 6 ms, compilation included.
+MIDI_STEP_MODEL = (0.0095, 0.25 * 989e12)
+
+
 def midi_lr_scale(planned_tokens):
     """Multiplier on every HyperP learning rate for midi's short horizons (see above)."""
     return float(f"{2.0 * (planned_tokens / 2 ** 26) ** -0.2:.3g}")
@@ -166,6 +171,8 @@ class Preset:
     fit_args: tuple = ()                  # extra fit_law.py flags
     share_r1_from: str | None = None      # r=1 runs are not rerun: fit them from this preset's dir
     lr_scale: object = None               # None, or a function of the planned tokens D -> --lr-scale
+    gpu_step_model: tuple | None = None   # (GPU seconds per step floor, achieved FLOP/s) of one run
+                                          # with runs_per_gpu sharing the GPU, as measured
 
 
 def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, **common):
@@ -216,7 +223,7 @@ PRESETS = {
         "per cell (100 runs), depth 12 (2-8/r-2), T 512, B 16384, lrs x 2(D/2^26)^-0.2, vocab 2048, "
         "<= 3 epochs; 6 runs share each GPU",
         MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", vocab_size=2048,
-        runs_per_gpu=6, assumed_mfu=0.10, lr_scale=midi_lr_scale),
+        runs_per_gpu=6, lr_scale=midi_lr_scale, gpu_step_model=MIDI_STEP_MODEL),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e10..2.4e11, r = 1, 4, widths "
         "s = 0.25..0.75 (d 16..48), depth 6 (1-4/r-1), T 128, vocab 1024; minutes on 2 cores",
@@ -432,11 +439,25 @@ def measured_flops_rate(out):
     return sorted(rates)[len(rates) // 2] if rates else None
 
 
+def modelled_gpu_seconds(runs, step_model):
+    """GPU-seconds of runs under a measured step model (floor, achieved FLOP/s): each step costs
+    the larger of the floor and its FLOPs at the achieved rate."""
+    floor, achieved = step_model
+    return sum(run.steps * max(floor, run.flops_per_token * int(run.settings.get("batch_tokens", 2 ** 18))
+                               / achieved) for run in runs)
+
+
 def throughput(preset, out, threads_per_job, runs_per_gpu=1, runs=()):
     """-> (FLOP/s per run slot device, description)."""
     measured = measured_flops_rate(out)
     if measured:
         return measured, f"measured: median of the finished runs in {out}"
+    if preset.gpu_step_model and runs:
+        floor, achieved = preset.gpu_step_model
+        seconds = modelled_gpu_seconds(runs, preset.gpu_step_model)
+        return (sum(r.train_flops for r in runs) / (seconds * runs_per_gpu),
+                f"step model measured on an H200 with {preset.runs_per_gpu} runs per GPU: "
+                f"max({floor * 1e3:g} ms, FLOPs at {achieved / 1e12:.0f} TFLOP/s) per step")
     if preset.cpu:
         flops = sum(r.train_flops for r in runs) or 1.0
         seconds = sum(r.tokens * (CPU_SECONDS_PER_TOKEN + r.flops_per_token / CPU_FLOPS_PER_THREAD)

@@ -12,7 +12,7 @@ How data flows:
       --sweep.plan (closed form, as train.py counts)-->  runs: N_once, N_rec, FLOPs/token, steps, D
       --checks-->  steps per run, epochs of the corpus, embedding share, and whether each
                    (budget, r) cell's widths bracket the loss-optimal width under the stated law
-      --cost-->    GPU-hours from a per-step time model (measured on an H200, below)
+      --cost-->    GPU-hours from the preset's per-step time model (sweep.py, measured on an H200)
       --CI of phi-->  (1) linearised: the covariance of the six law parameters for losses
                       L = law + e_cell + e_run on log L, where e_cell (sd --cell-sigma) is a
                       misfit shared by every width of a (budget, r) cell and e_run (sd --sigma)
@@ -44,12 +44,8 @@ LAWS = {  # E, A, alpha, B, beta, phi
     "paper": (1.56773, 28.027, 0.19924, 915.82, 0.36863, 0.459),
     "midi": (0.706, 13.23, 0.19924, 312.8, 0.36863, 0.459),
 }
-# One H200, several runs packed on it: GPU seconds per optimizer step of one run is the larger of
-# a floor (launches and host work, shared between packed runs) and its FLOPs at an achieved rate.
-# midi pilots (results/midi-pilots): 47 runs at d = 128 and 256, B = 16,384, six per GPU: the
-# two rounds' wall times (compilation included) were 1.6x and 1.1x sum(steps) x 6 ms.
-STEP_FLOOR_S = 0.0095
-ACHIEVED_FLOPS = 0.25 * 989e12
+# GPU time: the preset's measured step model if it has one (sweep.modelled_gpu_seconds), else midi's
+DEFAULT_STEP_MODEL = sweep.MIDI_STEP_MODEL
 
 
 def stated_law(name):
@@ -115,11 +111,8 @@ def embedding_share(runs, vocab_size):
     return [2 * padded * run.d_model / (run.n_once + run.n_rec) for run in runs]
 
 
-def gpu_hours(runs):
-    batch = lambda run: int(run.settings.get("batch_tokens", 2 ** 18))
-    seconds = sum(run.steps * max(STEP_FLOOR_S, run.flops_per_token * batch(run) / ACHIEVED_FLOPS)
-                  for run in runs)
-    return seconds / 3600
+def gpu_hours(runs, preset):
+    return sweep.modelled_gpu_seconds(runs, preset.gpu_step_model or DEFAULT_STEP_MODEL) / 3600
 
 
 # -----------------------------------------------------------------------------
@@ -209,8 +202,9 @@ def report(args):
               f"{row['optimum']:>5g}  {row['below']:>5}/{row['above']:<5} {row['min_steps']:>9} {epochs:>10}{flag}")
     share = embedding_share(runs, vocab)
     print(f"\nembedding + LM head / non-embedding N: {min(share):.2f}..{max(share):.2f} (median {np.median(share):.2f})")
-    print(f"cost: {gpu_hours(runs):.2f} GPU-hours on one H200 (step model: max({STEP_FLOOR_S * 1e3:g} ms, "
-          f"FLOPs at {ACHIEVED_FLOPS / 1e12:.0f} TFLOP/s))")
+    floor, achieved = preset.gpu_step_model or DEFAULT_STEP_MODEL
+    print(f"cost: {gpu_hours(runs, preset):.2f} GPU-hours on one H200 (step model: max({floor * 1e3:g} ms, "
+          f"FLOPs at {achieved / 1e12:.0f} TFLOP/s))")
     sd = linearised_phi_sd(arrays, cells, law, args.sigma, args.cell_sigma)
     print(f"\npredicted 95% CI of phi (linearised; noise {args.sigma:g} nats per run + {args.cell_sigma:g} "
           f"per cell): +-{1.96 * sd:.3f}, width {2 * 1.96 * sd:.3f}")

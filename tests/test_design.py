@@ -123,3 +123,10 @@ def test_packed_rate_counts_only_the_common_window():
     assert window == 5.0 and rate == 200.0
     c = dict(step_ends=[20.0, 21.0, 22.0], warmup_steps=1, batch_tokens=100)
     assert bench_packed.aggregate([a, c]) == (None, 0.0)
+
+
+def test_step_model_takes_the_larger_of_floor_and_flops():
+    small = SimpleNamespace(steps=1000, flops_per_token=1e6, settings=dict(batch_tokens=1000))   # 1e9 FLOPs/step
+    big = SimpleNamespace(steps=10, flops_per_token=1e9, settings=dict(batch_tokens=1000))       # 1e12 FLOPs/step
+    # floor 0.01 s, 1e12 FLOP/s: small runs 1000 x 0.01 s, big ones 10 x 1 s
+    assert sweep.modelled_gpu_seconds([small, big], (0.01, 1e12)) == pytest.approx(10 + 10)
