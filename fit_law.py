@@ -44,6 +44,7 @@ SEED_NOISE_DRAWS = 100       # --seed-noise refits (each from the fit's optimum 
 PROFILE_STEP = 0.05          # grid step of phi's profile over its box
 CHI2_1_95 = 3.841458820694124  # 95% point of chi-square with one degree of freedom
 ANCHOR_PHIS = tuple(np.arange(-3.0, 3.01, 0.5))  # profile optima that seed bootstrap refits
+PROFILE_PLOT_TOP = 4         # the profile is polished and drawn up to this many times the cut-off
 FEW_CELLS = 20               # below this many (budget, r) cells, add the residual bootstrap
 CSV_REQUIRED = ("N_once", "N_rec", "r", "D", "L")
 # runs that disagree on any of these measure different things and cannot share one law
@@ -629,7 +630,7 @@ def interval_summary(samples, bounds=BOUNDS[5]):
         return out
     out["ci"] = np.percentile(x, [2.5, 97.5]).tolist()
     spread = 100 * math.sqrt(0.025 * 0.975 / B)
-    out["mc_error"] = [float(np.diff(np.percentile(x, [p - spread, p + spread]))[0] / 2)
+    out["mc_error"] = [float(np.diff(np.percentile(x, np.clip([p - spread, p + spread], 0, 100)))[0] / 2)
                        for p in (2.5, 97.5)]
     return out
 
@@ -637,13 +638,15 @@ def interval_summary(samples, bounds=BOUNDS[5]):
 # ----------------------------------------------------------------------------------------------
 # Identification: the profile of the objective in phi
 
-def profile_phi(points, free_fit, step=PROFILE_STEP):
+def profile_phi(points, free_fit, step=PROFILE_STEP, polish_below=None):
     """The objective with phi fixed on a grid over its box and the other five parameters free.
 
-    Returns (grid, objective, optima). Each inner fit starts from the free fit and from its
-    neighbours' optima, swept both ways; the winner is polished with tight tolerances (the
-    default ones stop up to 1% above the optimum, as much as the cut-off on a 0.01-nat fit).
-    Checked against 300 random starts at phi = -2, 0, 1: the same optimum to 1e-12.
+    Returns (grid, objective, optima). The inner fits sweep outward from the free fit, each
+    starting from its neighbour's optimum, then back inward, so a better branch found far out
+    carries over. Default tolerances stop up to 1% above the optimum, as much as the CI's
+    cut-off, so where polish_below(objective) holds the point is polished with tight ones
+    (everywhere if polish_below is None). Checked against 300 random starts at phi = -2, 0, 1
+    on mini and the paper grid: the same optimum to 1e-12.
     """
     arrays = law_arrays(points)
     lo, hi = BOUNDS[5]
@@ -657,13 +660,18 @@ def profile_phi(points, free_fit, step=PROFILE_STEP):
         if f < best_f[i]:
             best_x[i], best_f[i] = x, f
 
-    for i in range(len(grid)):
-        improve(i, free_fit.params)
-    for i in range(1, len(grid)):
+    start = int(np.argmin(np.abs(grid - free_fit.phi)))
+    improve(start, free_fit.params)
+    for i in range(start + 1, len(grid)):
         improve(i, best_x[i - 1])
-    for i in range(len(grid) - 2, -1, -1):
+    for i in range(start - 1, -1, -1):
         improve(i, best_x[i + 1])
-    for i in range(len(grid)):
+    for i in range(len(grid) - 2, start - 1, -1):
+        improve(i, best_x[i + 1])
+    for i in range(1, start + 1):
+        improve(i, best_x[i - 1])
+    polish = np.ones(len(grid), bool) if polish_below is None else polish_below(best_f)
+    for i in np.flatnonzero(polish):
         improve(i, best_x[i], tight=True)
     return grid, best_f, best_x
 
@@ -696,9 +704,11 @@ def profile_ci(grid, statistic, cutoff=CHI2_1_95):
 
 def phi_profile(points, fit, step=PROFILE_STEP):
     """The profile, its statistic and CI, as the report and the JSON carry them."""
-    grid, objective, optima = profile_phi(points, fit, step)
     resid = np.log(points.L) - np.log(fit.predict(points))
     k, sigma = huber_lr_scale(resid, 6)
+    # tight polish only where the statistic could be within reach of the cut-off (and the plot)
+    grid, objective, optima = profile_phi(points, fit, step,
+                                          lambda f: 2 * k * (f - fit.huber) < PROFILE_PLOT_TOP * CHI2_1_95)
     h_min = min(float(objective.min()), fit.huber)
     statistic = 2 * k * (objective - h_min)
     return {"phi": grid.tolist(), "huber": objective.tolist(), "statistic": statistic.tolist(),
@@ -1246,8 +1256,8 @@ def write_json(res, path):
 
 
 def plot(res, points, path):
-    """Iso-FLOP curves with the law and its residuals; under --by, one iso-FLOP panel per group
-    (each with its own law) and a panel of phi per group with its paired-bootstrap CI."""
+    """Iso-FLOP curves with the law, its residuals and phi's profile; under --by, one iso-FLOP panel
+    per group (each with its own law) and a panel of phi per group with its paired-bootstrap CI."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1255,30 +1265,27 @@ def plot(res, points, path):
     except ImportError:
         warn("--plot needs matplotlib (pip install matplotlib); skipping the plot")
         return
-    rs = np.unique(points.r)
-    colours = dict(zip(rs, plt.cm.viridis(np.linspace(0, 0.85, len(rs)))))
+    style = PlotStyle(points, plt)
     comparison = res["comparison"]
     if comparison:
         groups = split_groups(points, comparison["key"])
         order = [comparison["reference"]] + [v for v in groups if v != comparison["reference"]]
-        fig, axes = plt.subplots(1, len(groups) + 1, figsize=(6.5 * len(groups) + 4.5, 5))
+        fig, axes = plt.subplots(1, len(groups) + 1, figsize=(6.5 * len(groups) + 4.5, 5.5))
         for ax in axes[1:-1]:
             ax.sharey(axes[0])
         for ax, value in zip(axes, order):
-            idx = groups[value]
             fit = comparison["fits"][value]
-            plot_iso_flop(ax, points.subset(idx), fit, colours,
+            plot_iso_flop(ax, points.subset(groups[value]), fit, style,
                           f"{comparison['key']} = {value}: phi = {fit.phi:.3f}")
         plot_group_phis(axes[-1], comparison, order)
     else:
         fit = res["joint"]
-        fig, (ax, ax_res) = plt.subplots(1, 2, figsize=(13, 5))
-        plot_iso_flop(ax, points, fit, colours, "iso-FLOP curves and the joint fit"
+        fig, axes = plt.subplots(1, 2 if fit.chinchilla else 3, figsize=(19 if not fit.chinchilla else 13, 5.5))
+        plot_iso_flop(axes[0], points, fit, style, "iso-FLOP curves and the joint fit"
                       + ("" if fit.chinchilla else f" (phi = {fit.phi:.3f})"))
-        ax_res.scatter(points.n_once + points.n_rec, points.L - fit.predict(points),
-                       c=[colours[r] for r in points.r], s=14)
-        ax_res.axhline(0, color="k", lw=0.8)
-        ax_res.set(xscale="log", xlabel="N", ylabel="observed - fitted (nats)", title="residuals")
+        plot_residuals(axes[1], points, fit, style, res["lack_of_fit"]["seed_sigma"])
+        if not fit.chinchilla:
+            plot_profile(axes[2], fit, res["uncertainty"])
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
@@ -1287,8 +1294,41 @@ def plot(res, points, path):
     print(f"wrote {path}", file=sys.stderr)
 
 
-def plot_iso_flop(ax, points, fit, colours, title):
-    """Runs as dots, and the law drawn along each (budget, r) cell, one colour per r."""
+class PlotStyle:
+    """A colour per budget and a marker and line style per r, with the legend handles that say so."""
+    MARKERS, LINES = "osD^v<>p", ("-", "--", ":", "-.")
+
+    def __init__(self, points, plt):
+        self.budgets = points.budget_keys() if points.has_budget else np.zeros(len(points))
+        unique = np.unique(self.budgets)
+        self.colour = dict(zip(unique, plt.cm.plasma(np.linspace(0, 0.85, len(unique)))))
+        self.rs = np.unique(points.r)
+        self.marker = {r: self.MARKERS[i % len(self.MARKERS)] for i, r in enumerate(self.rs)}
+        self.line = {r: self.LINES[i % len(self.LINES)] for i, r in enumerate(self.rs)}
+        self.has_budget = points.has_budget
+
+    def legend(self, ax):
+        from matplotlib.lines import Line2D
+        handles = [Line2D([], [], color=c, marker="o", ls="-", label=f"C = {C:.3g}")
+                   for C, c in self.colour.items() if self.has_budget]
+        handles += [Line2D([], [], color="0.3", marker=self.marker[r], ls=self.line[r], label=f"r = {r:g}")
+                    for r in self.rs]
+        ax.legend(handles=handles, fontsize=7, ncol=2)
+
+
+def log_x_axis(ax):
+    """Log x with labels on decades and at 2 and 5 only: the default labels every minor tick on
+    short ranges, and they collide."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", labelsize=8, labelrotation=30)
+
+
+def plot_iso_flop(ax, points, fit, style, title):
+    """Runs as markers, and the law drawn along each (budget, r) cell."""
     N = points.n_once + points.n_rec
     budgets = points.budget_keys() if points.has_budget else np.zeros(len(points))
     for C in np.unique(budgets):
@@ -1296,22 +1336,56 @@ def plot_iso_flop(ax, points, fit, colours, title):
             idx = np.flatnonzero((budgets == C) & (points.r == r))
             if not len(idx):
                 continue
-            ax.scatter(N[idx], points.L[idx], color=colours[r], s=14)
-            if len(idx) >= 2:  # draw the law along the cell: N_once/N_rec and D interpolated in log N
+            colour = style.colour[C]
+            ax.scatter(N[idx], points.L[idx], color=colour, marker=style.marker[r], s=16)
+            if len(idx) >= 2:  # the law along the cell: N_once/N_rec and D interpolated in log N
                 x = np.log(N[idx])
                 grid = np.linspace(x.min() - 0.15, x.max() + 0.15, 60)
                 interp = lambda y: np.exp(np.polyval(np.polyfit(x, np.log(y), 1), grid))  # noqa: E731
                 ax.plot(np.exp(grid), fit.loss(interp(points.n_once[idx]), interp(points.n_rec[idx]),
-                                               r, interp(points.D[idx])), color=colours[r], lw=1)
-        if points.has_budget:  # label each iso-FLOP family at its widest run
-            i = np.flatnonzero(budgets == C)[np.argmax(N[budgets == C])]
-            ax.annotate(f"{C:.3g}", (N[i], points.L[i]), xytext=(6, 0), textcoords="offset points",
-                        fontsize=7, va="center")
-    for r in np.unique(points.r):
-        ax.plot([], [], color=colours[r], label=f"r = {r:g}")
-    ax.set(xscale="log", xlabel="unique non-embedding params N", ylabel="validation loss (nats)",
-           title=title)
-    ax.legend()
+                                               r, interp(points.D[idx])),
+                        color=colour, ls=style.line[r], lw=1)
+    log_x_axis(ax)
+    ax.set(xlabel="unique non-embedding params N", ylabel="validation loss (nats)", title=title)
+    style.legend(ax)
+
+
+def plot_residuals(ax, points, fit, style, sigma):
+    """Observed - fitted, with the band of seed noise where repeated cells measured it."""
+    N, resid = points.n_once + points.n_rec, points.L - fit.predict(points)
+    for C in style.colour:
+        for r in style.rs:
+            idx = np.flatnonzero((style.budgets == C) & (points.r == r))
+            ax.scatter(N[idx], resid[idx], color=style.colour[C], marker=style.marker[r], s=16)
+    ax.axhline(0, color="k", lw=0.8)
+    if sigma:
+        ax.axhspan(-2 * sigma, 2 * sigma, color="0.85", zorder=0, label=f"+-2 sigma seed noise ({sigma:.3f})")
+        ax.legend(fontsize=7, loc="upper right")
+    log_x_axis(ax)
+    ax.set(xlabel="unique non-embedding params N", ylabel="observed - fitted (nats)",
+           title=f"residuals: RMSE {np.sqrt(np.mean(resid ** 2)):.4f} nats")
+
+
+def plot_profile(ax, fit, u):
+    """The profile statistic against phi with its cut-off, and every interval of phi."""
+    p = u["profile"]
+    ax.plot(p["phi"], p["statistic"], color="C0", lw=1.2, label="profile: 2k (Huber(phi) - min)")
+    ax.axhline(p["cutoff"], color="C0", lw=0.8, ls="--", label=f"95% cut-off ({p['cutoff']:.2f})")
+    top = PROFILE_PLOT_TOP * p["cutoff"]
+    bars = [("profile", p["ci"], "C0")]
+    for name, colour in (("cell_bootstrap", "C3"), ("residual_bootstrap", "C2")):
+        if u[name] and u[name]["ci"]:
+            bars.append((name.replace("_", " "), u[name]["ci"], colour))
+    for i, (name, ci, colour) in enumerate(bars):
+        y = top * (0.9 - 0.08 * i)
+        ax.plot(ci, [y, y], color=colour, lw=3, label=f"{name} CI [{ci[0]:.2f}, {ci[1]:.2f}]")
+    ax.axvline(fit.phi, color="k", lw=0.8)
+    for x in (0, 1):
+        ax.axvline(x, color="0.5", lw=0.6, ls=":")
+    verdict = "identified" if u["identified"] else "NOT identified"
+    ax.set(xlim=(p["phi"][0], p["phi"][-1]), ylim=(0, top), xlabel="phi",
+           ylabel="profile statistic (chi2_1 scale)", title=f"phi = {fit.phi:.3f}: {verdict}")
+    ax.legend(fontsize=7, loc="center right")
 
 
 def plot_group_phis(ax, comparison, names):

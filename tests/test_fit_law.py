@@ -49,22 +49,28 @@ def law(n_once, n_rec, r, D, A, alpha, B, beta, E, phi):
     return E + A * (n_once + r ** phi * n_rec) ** -alpha + B * D ** -beta
 
 
-def synthetic_runs(noise=0.0, seed=0, coeffs=PAPER, rs=(1, 2, 4, 8), budgets=None, extra=None):
-    """Run dicts shaped like train.py's JSONs, one per (budget, r, width) of the paper grid."""
+def synthetic_runs(noise=0.0, seed=0, coeffs=PAPER, rs=(1, 2, 4, 8), budgets=None, extra=None,
+                   count_embedding=False, cell_noise=0.0):
+    """Run dicts shaped like train.py's JSONs, one per (budget, r, width) of the paper grid.
+    count_embedding: the loss follows the law with the embedding and LM head in N_once.
+    cell_noise: one N(0, cell_noise) offset per (budget, r) cell, a lack of fit shared by its widths."""
     rng = np.random.default_rng(seed)
     runs = []
     for C, widths in GRID.items():
         if budgets is not None and C not in budgets:
             continue
         for r in rs:
+            offset = rng.normal(0, cell_noise) if cell_noise else 0.0
             for s in widths:
                 d, n_once, n_rec, flops = paper_architecture(s, r)
                 D = round(C / (flops * BATCH)) * BATCH
-                L = law(n_once, n_rec, r, D, **coeffs) + rng.normal(0, noise)
+                counted = n_once + 2 * d * V_PAD if count_embedding else n_once
+                L = law(counted, n_rec, r, D, **coeffs) + rng.normal(0, noise) + offset
                 runs.append(dict(status="ok", tag=f"s{s}_r{r}_C{C:.3g}", r=r, size=s, d_model=d,
                                  depth=20, n_recur=20 if r == 1 else 16 // r, n_prelude=0 if r == 1 else 2,
                                  n_coda=0 if r == 1 else 2, injection="none" if r == 1 else "linear",
                                  n_once=n_once, n_rec=n_rec, flops_per_token=flops, target_flops=C,
+                                 n_embedding=d * V_PAD, n_lm_head=d * V_PAD,
                                  batch_tokens=BATCH, seq_len=SEQ, vocab_size=32001,
                                  steps=D // BATCH, tokens=D, val_loss=L, data_checksum="abc",
                                  tokenizer="bpe32k", **(extra or {})))
