@@ -709,6 +709,9 @@ def phi_profile(points, fit, step=PROFILE_STEP):
     # tight polish only where the statistic could be within reach of the cut-off (and the plot)
     grid, objective, optima = profile_phi(points, fit, step,
                                           lambda f: 2 * k * (f - fit.huber) < PROFILE_PLOT_TOP * CHI2_1_95)
+    at = int(np.searchsorted(grid, fit.phi))  # the free fit itself: the profile's minimum between grid points
+    grid, objective = np.insert(grid, at, fit.phi), np.insert(objective, at, fit.huber)
+    optima = np.insert(optima, at, fit.params, axis=0)
     h_min = min(float(objective.min()), fit.huber)
     statistic = 2 * k * (objective - h_min)
     return {"phi": grid.tolist(), "huber": objective.tolist(), "statistic": statistic.tolist(),
@@ -1159,7 +1162,7 @@ def print_uncertainty(joint, u, sensitivity):
     p = u["profile"]
     print(f"\n== phi = {joint.phi:.3f}: how well the runs pin it ==")
     print(f"  profile CI {ci_text(p['ci'])} (objective minimised over the other five parameters at "
-          f"each phi on a {p['phi'][1] - p['phi'][0]:g} grid over [{p['phi'][0]:g}, {p['phi'][-1]:g}]; "
+          f"each phi on a {PROFILE_STEP:g} grid over [{p['phi'][0]:g}, {p['phi'][-1]:g}]; "
           f"cut-off: chi2_1 95% under independent Gaussian errors on log L, sigma = {p['sigma_log']:.4f} "
           f"from the residuals)")
     if u["cell_bootstrap"]:
