@@ -8,8 +8,13 @@ r^phi times its unique parameters. Data flows through this file in one direction
 
     run JSONs / CSVs  --load_points-->  Points (one per run: N_once, N_rec, r, D, L, budget C)
       --fit_law-->  Fit (Huber on log loss, summed; L-BFGS-B from many random starts)
-      --> diagnostics (per-r and restricted fits, bootstrap CI of phi, residuals, held-out budget,
-          and with --seed-noise how far seed-to-seed noise alone moves phi or delta phi)
+      --> how well phi is pinned: its profile (phi fixed on a grid, the rest refitted) and
+          profile CI, a bootstrap over (budget, r) cells (plus one of residuals within cells
+          when cells are few), each with its Monte Carlo error, a verdict on whether phi is
+          identified at all, and phi again with the embedding and LM head counted in N_once
+      --> diagnostics (per-r and restricted fits, lack of fit per budget and r against seed
+          noise, held-out budget, --by delta phi judged by a paired bootstrap, and with
+          --seed-noise how far seed noise alone moves phi or delta phi)
       --> decisions (compute-optimal width per budget from FLOPs/params polynomials recovered
           from the runs, empirical optima, N_eff equivalences)  -->  report / --json / --plot
 
