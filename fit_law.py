@@ -730,9 +730,11 @@ def profile_anchors(profile, phis=ANCHOR_PHIS):
     return [profile["optima"][int(np.argmin(np.abs(grid - p)))] for p in phis]
 
 
-def identification(fit, intervals):
+def identification(fit, intervals, mc_errors=None):
     """(identified, reasons): phi is not identified when the fit or any interval reaches a bound
-    of the box, or an interval holds both phi = 0 and phi = 1."""
+    of the box, or an interval holds both phi = 0 and phi = 1. A bootstrap end counts as reaching
+    either when it is within 2 Monte Carlo errors of it (mc_errors: name -> [lo, hi]), so the
+    verdict does not hinge on the random stream."""
     lo, hi = BOUNDS[5]
     tol = 1e-6 * (hi - lo)
     reasons = []
@@ -741,10 +743,18 @@ def identification(fit, intervals):
     for name, ci in intervals.items():
         if ci is None:
             continue
+        err = (mc_errors or {}).get(name) or [0.0, 0.0]
+        wide = [ci[0] - 2 * err[0], ci[1] + 2 * err[1]]
+        text = f"the {name} CI [{ci[0]:.3f}, {ci[1]:.3f}]"
+        near = f" comes within 2 Monte Carlo errors (+-{max(err):.3f}) of"
         if ci[0] - lo < tol or hi - ci[1] < tol:
-            reasons.append(f"the {name} CI [{ci[0]:.3f}, {ci[1]:.3f}] reaches a bound of [{lo:g}, {hi:g}]")
+            reasons.append(f"{text} reaches a bound of [{lo:g}, {hi:g}]")
+        elif wide[0] - lo < tol or hi - wide[1] < tol:
+            reasons.append(f"{text}{near} a bound of [{lo:g}, {hi:g}]")
         elif ci[0] <= 0 and ci[1] >= 1:
-            reasons.append(f"the {name} CI [{ci[0]:.3f}, {ci[1]:.3f}] holds both phi = 0 and phi = 1")
+            reasons.append(f"{text} holds both phi = 0 and phi = 1")
+        elif wide[0] <= 0 and wide[1] >= 1:
+            reasons.append(f"{text}{near} holding both phi = 0 and phi = 1")
     return not reasons, reasons
 
 
@@ -1448,11 +1458,12 @@ def phi_uncertainty(points, joint, profile, args, res):
         if points.has_budget and len(cells) < FEW_CELLS:
             _, samples = residual_bootstrap_phi(*common)
             out["residual_bootstrap"] = interval_summary(samples) | {"phi_samples": samples.tolist()}
-    intervals = {"profile": profile["ci"]}
+    intervals, errors = {"profile": profile["ci"]}, {}
     for name in ("cell_bootstrap", "residual_bootstrap"):
         if out[name]:
             intervals[name.replace("_", " ")] = out[name]["ci"]
-    out["identified"], out["reasons"] = identification(joint, intervals)
+            errors[name.replace("_", " ")] = out[name]["mc_error"]
+    out["identified"], out["reasons"] = identification(joint, intervals, errors)
     return out
 
 
