@@ -1416,7 +1416,9 @@ def plot_group_phis(ax, comparison, names):
         ax.plot([g["phi"]], [y], "o", color="C3" if name == comparison["reference"] else "C0")
     ax.axvline(0, color="k", lw=0.6, ls=":")
     ax.axvline(1, color="k", lw=0.6, ls=":")
-    deltas = "; ".join(f"delta {v} = {d['delta_phi']:+.3f}" for v, d in comparison["deltas"].items())
+    deltas = "; ".join(f"delta {v} = {d['delta_phi']:+.3f}"
+                       + (f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]: {'' if d['measured'] else 'not '}measured"
+                          if d["ci"] else "") for v, d in comparison["deltas"].items())
     ax.set(yticks=range(len(names)), yticklabels=names, ylim=(-0.7, len(names) - 0.3),
            xlabel="phi (95% paired-bootstrap CI)", title=deltas)
 
