@@ -685,7 +685,7 @@ def huber_lr_scale(residuals, n_params, delta=HUBER_DELTA):
     """(k, sigma): 2 k (H(phi) - H_min) is the drop-in-dispersion statistic of a Huber fit, ~ chi2_1
     at the true phi. k = E[psi'] / E[psi^2] for Gaussian errors of sd sigma on log L (sigma from
     the residuals). Without the Huber kink (delta -> inf) k = 1/sigma^2: the Gaussian likelihood ratio."""
-    sigma = math.sqrt(float(np.sum(residuals ** 2)) / max(len(residuals) - n_params, 1))
+    sigma = max(math.sqrt(float(np.sum(residuals ** 2)) / max(len(residuals) - n_params, 1)), 1e-12)
     c = delta / sigma
     inside = 2 * ndtr(c) - 1                    # P(|e| < delta): E[psi']
     psi2 = inside - 2 * c * math.exp(-c * c / 2) / math.sqrt(2 * math.pi) + 2 * c * c * ndtr(-c)
