@@ -1,9 +1,13 @@
-"""Tests for fit_law.py (CPU only, numpy + scipy; the whole file runs in well under a minute).
+"""Tests for fit_law.py (CPU only, numpy + scipy; the whole file runs in about a minute on 2 cores).
 
 Synthetic runs come from the paper's architecture accounting (closed form below, written
 independently of fit_law.py's polynomial recovery) on the paper's 116-run grid, with losses from
-the paper's fitted law. Fits here use fewer restarts and bootstrap resamples than the CLI's
-defaults to stay fast; each test says why its reduced count still tests the property.
+the paper's fitted law (optionally with the embedding counted, or a lack of fit per cell). The
+intervals of phi are checked against known numbers: the paper's phi = 0.459 on that grid, a
+parabola's CI, the textbook sd of a sample quantile, Monte Carlo draws, and the published mini
+runs' lower budgets, where phi is not identified. Fits here use fewer restarts and bootstrap
+resamples than the CLI's defaults to stay fast; each test says why its reduced count still
+tests the property.
 """
 
 import csv
