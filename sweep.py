@@ -1037,6 +1037,7 @@ def main(argv=None):
         read_status(opts.out, runs)
         rate, rate_how = throughput(opts.preset, opts.out, opts.threads, opts.runs_per_gpu, runs)
         if opts.dry_run:
+            print(f"# preset {opts.preset_name}{why_preset(opts)}")
             print_plan(runs, rate, rate_how, opts)
             return 0
         pending = [r for r in runs if r.status != "ok"]
@@ -1065,6 +1066,9 @@ def main(argv=None):
     except SweepError as err:
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:          # output piped into head & co., which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\n[sweep] stopped; running runs were told to checkpoint (status preempted). "
               "Rerun the same command to resume.", file=sys.stderr)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train a grid of looped transformers and fit the scaling law to it: the one command to run.
 #
-#   bash sweep.sh                                  # the grid for this machine: mini on a GPU node,
+#   bash sweep.sh                                  # the grid for this machine: midi on a GPU node,
 #                                                  # the CPU demo elsewhere (builds its data, prints
 #                                                  # the plan and its cost, trains, fits)
 #   bash sweep.sh --dry-run                        # that plan, one line per run, and its cost

@@ -111,8 +111,8 @@ def build_parser():
                    help="width scale s: d_model = 64*s rounded up to head_dim (fractions too: 0.5 with "
                         "--head-dim 32 is d_model 32)")
     m.add_argument("--r", "--recurrences", dest="r", type=int, default=1,
-                   help="recurrences of the shared block (1 = plain GPT); under torchrun on Python 3.11 "
-                        "write --recurrences (torchrun's own parser rejects --r as ambiguous)")
+                   help="recurrences of the shared block (1 = plain GPT); under torchrun put train.py's "
+                        "flags after -- (torchrun's own parser rejects --r as ambiguous)")
     m.add_argument("--depth", type=int, default=20, help="effective depth n_prelude + r*n_recur + n_coda")
     m.add_argument("--n-prelude", type=int, default=2, help="layers before the shared block")
     m.add_argument("--n-coda", type=int, default=2, help="layers after it")
@@ -128,19 +128,19 @@ def build_parser():
     h.add_argument("--target-flops", type=float, default=None, help="compute budget C: steps = round(C/(F*B))")
     h.add_argument("--tokens", type=float, default=None, help="training tokens D")
     h.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    b = p.add_argument_group("batch and optimizer (SPEC.md section 3)")
+    b = p.add_argument_group("batch and optimizer (the paper's recipe: MuonH + AdamW, HyperP learning rates)")
     b.add_argument("--batch-tokens", type=int, default=BASE_BATCH, help="tokens per optimizer step B")
     b.add_argument("--device-batch", type=int, default=None, help="rows per micro-step per GPU (default: what fits)")
     b.add_argument("--muon-lr", type=float, default=None, help="override the HyperP MuonH learning rate")
-    b.add_argument("--embedding-lr", type=float, default=None)
-    b.add_argument("--lm-head-lr", type=float, default=None)
-    b.add_argument("--norm-lr", type=float, default=None)
-    b.add_argument("--hyperconnect-lr", type=float, default=None)
+    b.add_argument("--embedding-lr", type=float, default=None, help="override the token embedding's AdamW lr")
+    b.add_argument("--lm-head-lr", type=float, default=None, help="override the LM head's AdamW lr")
+    b.add_argument("--norm-lr", type=float, default=None, help="override the norm gains' AdamW lr")
+    b.add_argument("--hyperconnect-lr", type=float, default=None, help="override the hyperconnect scalars' AdamW lr")
     b.add_argument("--lr-scale", type=float, default=1.0,
                    help="multiply every learning rate (after HyperP and any override) by this; "
                         "for learning-rate sweeps")
     b.add_argument("--final-lr-frac", type=float, default=0.1, help="learning rate at the end / peak")
-    b.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    b.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     b.add_argument("--data-seed", type=int, default=None, help="data order seed (default: --seed)")
     d = p.add_argument_group("data, evaluation, output")
     d.add_argument("--data", default=None,
@@ -153,13 +153,13 @@ def build_parser():
     d.add_argument("--eval-tokens", type=int, default=None,
                    help="validation tokens (default 10,485,760 on GPU, 131,072 on CPU; capped by the val split)")
     d.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
-    d.add_argument("--log-every", type=int, default=10)
+    d.add_argument("--log-every", type=int, default=10, help="print a training line every N steps")
     d.add_argument("--samples", type=int, default=2, help="greedy samples printed at the end")
     d.add_argument("--out", default="runs", help="directory for <tag>.json and checkpoints <tag>/")
     d.add_argument("--tag", default=None, help="run name (default: encodes every setting)")
     d.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     d.add_argument("--save-final", action="store_true", help="checkpoint at the end")
-    d.add_argument("--keep-checkpoints", type=int, default=2)
+    d.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept per run")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this tag, if any")
     s = p.add_argument_group("system")
     s.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if available")
@@ -188,7 +188,7 @@ def build_parser():
                    help="whole-batch logits + F.cross_entropy instead of the fused chunked loss (reference)")
     s.add_argument("--dry-run", action="store_true", help="print the plan as JSON; no data, no training")
     s.add_argument("--bench", action="store_true", help="time steps on random tokens; prints tokens/s, MFU, memory")
-    s.add_argument("--bench-steps", type=int, default=12)
+    s.add_argument("--bench-steps", type=int, default=12, help="optimizer steps timed by --bench")
     s.add_argument("--debug-nan-at", type=int, default=None, help=argparse.SUPPRESS)  # tests: poison a step
     return p
 

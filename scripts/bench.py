@@ -7,7 +7,7 @@ The throughput table of README: `train.py --bench` for each configuration, one p
 Every row is a full optimizer step of 2^18 tokens (T = 2048, vocab 32001, bf16, torch.compile)
 on random tokens; tokens/s is the median step after warm-up, MFU is against the GPU's dense
 bf16 peak (989 TFLOP/s on H100/H200), memory is torch's peak allocation. The authors' figures
-from SPEC.md section 7 are printed beside ours.
+(their code on one H100, torch.compile, bf16) are printed beside ours.
 """
 
 import argparse
@@ -48,7 +48,7 @@ def bench_one(flags, device_batch, steps, extra):
 
 
 def table_lines(rows):
-    """The printed table: one line per row, our tokens/s against the authors' (SPEC.md section 7),
+    """The printed table: one line per row, our tokens/s against the authors' (one H100),
     headed by the GPU the rows ran on, since figures from different cards do not compare."""
     gpus = sorted({r["device"] for r in rows if "device" in r})
     lines = [f"GPU: {', '.join(gpus) or 'unknown'}",
