@@ -98,7 +98,7 @@ def print_table(rows, args):
         if "error" in row:
             print(f"{row['size']:>4} {'':>5} {row['pack']:>4}  error: {row['error']}")
             continue
-        agg = f"{row['aggregate']:,.0f}" if row["aggregate"] else "no overlap"
+        agg = f"{row['aggregate']:,.0f}" if row["aggregate"] else "no overlap: raise --steps"
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "-"
         print(f"{row['size']:>4g} {row['d_model']:>5} {row['pack']:>4} {row['alone']:>22,.0f} {agg:>16} "
               f"{mfu:>6} {row['window']:>8.1f} {row['wall']:>6.0f} {row['loss']:>9.4f}")
@@ -112,7 +112,9 @@ def main(argv=None):
     p.add_argument("--sizes", type=float, nargs="+", default=[1, 2, 4], help="width scales s (default 1 2 4)")
     p.add_argument("--r", type=int, default=4, help="recurrences (default 4)")
     p.add_argument("--pack", type=int, nargs="+", default=[1, 6], help="copies at once per GPU (default 1 6)")
-    p.add_argument("--steps", type=int, default=300, help="bench steps per copy; a third are warm-up (default 300)")
+    p.add_argument("--steps", type=int, default=1500,
+                   help="bench steps per copy; a third are warm-up (default 1500: with 300, copies that "
+                        "replay CUDA graphs at ~10 ms a step finished before the last one had compiled)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
