@@ -7,7 +7,7 @@ Prepare a token dataset for training, and read it back during training.
     python prepare_data.py --source my_texts/           # your own .txt/.md/.jsonl
 
 train.py and sweep.sh build the offline corpora they need (data/demo, data/local,
-data/local-site: EMBEDDED below) themselves when they are missing.
+data/local-site, data/midi: EMBEDDED below) themselves when they are missing.
 
 How data flows:
   documents (source files, text, or downloaded shards)

@@ -1,7 +1,7 @@
 """
 Plan and run a grid of train.py runs over compute budgets, widths and recurrences, then fit the law.
 
-    python sweep.py                                  # mini on a GPU node, the CPU demo elsewhere
+    python sweep.py                                  # midi on a GPU node, the CPU demo elsewhere
     python sweep.py --preset paper --dry-run         # list the 116 runs of the paper grid
     python sweep.py --preset mini --gpus 1           # 0.46 H100-hours measured
     python sweep.py --preset paper --gpus 8 -- --device-batch 16   # after --: flags for train.py
@@ -492,6 +492,17 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def settings_flags(settings):
+    """train.py flags for a dict of settings: True -> --flag, False and None -> nothing."""
+    flags = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            flags += [flag(key)] if value else []
+        elif value is not None:
+            flags += [flag(key), str(value)]
+    return flags
+
+
 def train_command(run, opts):
     """The exact train.py command line of one run (the same locally and in a Slurm task)."""
     cmd = train_prefix(opts.gpus_per_run)
@@ -502,11 +513,7 @@ def train_command(run, opts):
         cmd += ["--lanes", str(run.lanes)]
     if run.bptt_k is not None and run.r > 1:
         cmd += ["--bptt-k", str(run.bptt_k)]
-    for key, value in run.settings.items():
-        if isinstance(value, bool):
-            cmd += [flag(key)] if value else []
-        elif value is not None:
-            cmd += [flag(key), str(value)]
+    cmd += settings_flags(run.settings)
     save_every = run.steps // opts.preset.checkpoints if opts.preset.checkpoints else 0
     cmd += ["--data", opts.data, "--out", opts.out, "--tag", run.tag,
             "--save-every", str(max(save_every, 1) if opts.preset.checkpoints else 0), "--resume"]

@@ -812,7 +812,8 @@ def train(args):
             path = save_checkpoint(args, tag, step, model, optimizers, history, elapsed_before + time.time() - t_start)
         finish("preempted", error=f"stopped by signal at step {step}; rerun with --resume",
                extra=dict(preempted_at_step=step))
-        script = os.path.relpath(sys.argv[0]) if not os.path.relpath(sys.argv[0]).startswith("..") else sys.argv[0]
+        script = os.path.relpath(sys.argv[0])
+        script = sys.argv[0] if script.startswith("..") else script
         resume = shlex.join(["python", script, *sys.argv[1:]]) + ("" if args.resume else " --resume")
         run.log(f"stopped at step {step}/{steps}: checkpoint {path}, status preempted in {json_path}; "
                 f"to finish: {resume}")
@@ -947,8 +948,8 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
             opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.time() - t)
         step_ends.append(time.time())
+        times.append(step_ends[-1] - t)
         if step == 0 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
     step_time = float(np.median(times[warmup:]))

@@ -35,11 +35,9 @@ def bench_flags(preset_name, size, r, steps, extra):
     preset = sweep.PRESETS[preset_name]
     flags = ["--bench", "--bench-steps", str(steps), "--vocab-size", str(preset.vocab_size),
              "--size", str(size), "--recurrences", str(r)]
-    for key, value in preset.settings.items():
-        if key in ("samples", "device", "eval_tokens", "log_every"):
-            continue
-        flags += [sweep.flag(key), str(value)]
-    return flags + list(extra)
+    model_and_batch = {k: v for k, v in preset.settings.items()
+                       if k not in ("samples", "device", "eval_tokens", "log_every")}
+    return flags + sweep.settings_flags(model_and_batch) + list(extra)
 
 
 def launch(flags, pack):
