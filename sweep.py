@@ -34,7 +34,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -607,6 +609,41 @@ def remove_checkpoints(out, tag):
         os.rmdir(folder)
 
 
+@contextmanager
+def mps_daemon(enabled):
+    """NVIDIA's Multi-Process Service (MPS) for the processes started inside the block.
+
+    Without it the GPU runs one process's kernels at a time, so runs packed on a GPU only overlap
+    one's kernels with another's host work. Under MPS their kernels run side by side, which is
+    what small kernels need to fill the chip. The daemon gets a private pipe and log folder (the
+    CUDA_MPS_* variables, inherited by every child), is stopped on the way out, and changes no GPU
+    setting: no compute mode, no clocks."""
+    if not enabled:
+        yield
+        return
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        raise SweepError("--mps: nvidia-cuda-mps-control is not on PATH (it comes with NVIDIA's "
+                         "driver utilities); run without --mps")
+    folder = tempfile.mkdtemp(prefix="mps-")
+    mps_env = {"CUDA_MPS_PIPE_DIRECTORY": folder, "CUDA_MPS_LOG_DIRECTORY": folder}
+    before = {k: os.environ.get(k) for k in mps_env}
+    started = subprocess.run([control, "-d"], env=dict(os.environ, **mps_env), capture_output=True, text=True)
+    if started.returncode != 0:
+        raise SweepError(f"--mps: the MPS daemon did not start: {(started.stderr or started.stdout).strip()}")
+    os.environ.update(mps_env)
+    try:
+        yield
+    finally:
+        subprocess.run([control], input="quit\n", text=True, capture_output=True, env=dict(os.environ))
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_locally(runs, opts, rate_guess):
     """Runs every pending run, at most one per slot at a time; returns {tag: final status}."""
     slots = make_slots(opts)
@@ -915,6 +952,9 @@ def build_parser():
                         "Small runs are bound by launches and host work, so several at once keep the "
                         "GPU busier: six midi runs at d_model 128 gave 4.9x the tokens/s of one "
                         "(THROUGHPUT.md); it also hides their start-up and compilation")
+    p.add_argument("--mps", action="store_true",
+                   help="run the packed runs under NVIDIA's Multi-Process Service, started and stopped "
+                        "by the sweep (no GPU setting changes), so that their kernels run side by side")
     p.add_argument("--jobs", type=int, default=None,
                    help="CPU only: runs at once (default: one per core, one thread each); the cores "
                         "are split between them")
@@ -1063,7 +1103,8 @@ def main(argv=None):
         os.makedirs(opts.out, exist_ok=True)
         print(f"[sweep] preset {opts.preset_name}: {len(runs)} runs, {len(runs) - len(pending)} already ok, "
               f"{len(pending)} to run -> {opts.out} (the runs one by one: add --dry-run)", flush=True)
-        results = run_locally(pending, opts, rate) if pending else {}
+        with mps_daemon(opts.mps and bool(pending) and opts.gpus > 0):
+            results = run_locally(pending, opts, rate) if pending else {}
         failed = sorted(tag for tag, status in results.items() if status != "ok")
         if failed:
             print(f"[sweep] {len(failed)} run(s) not ok: {', '.join(failed)}; rerun the same command "

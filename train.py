@@ -950,6 +950,8 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
             torch.cuda.synchronize()
         step_ends.append(time.time())
         times.append(step_ends[-1] - t)
+        if step == warmup - 1:
+            wait_for_other_benches()
         if step == 0 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
     step_time = float(np.median(times[warmup:]))
@@ -964,6 +966,20 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
     if run.master:
         print("BENCH " + json.dumps(result), flush=True)
     return 0
+
+
+def wait_for_other_benches(timeout=900):
+    """scripts/bench_packed.py starts several benches on one GPU; each compiles for a different
+    time. BENCH_BARRIER=<folder>:<count> makes each wait here, after its warm-up, until all have
+    arrived, so that their timed steps overlap."""
+    spec = os.environ.get("BENCH_BARRIER")
+    if not spec:
+        return
+    folder, count = spec.rsplit(":", 1)
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.time() + timeout
+    while len(os.listdir(folder)) < int(count) and time.time() < deadline:
+        time.sleep(0.01)
 
 
 def launched_by_someone_else():

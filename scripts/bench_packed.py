@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,8 @@ def bench_flags(preset_name, size, r, steps, extra):
 
 
 def launch(flags, pack):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    barrier = tempfile.mkdtemp(prefix="bench-barrier-")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_BARRIER=f"{barrier}:{pack}")
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, ".cache", "inductor"))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
     return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -88,7 +90,7 @@ def measure(args, size, pack):
 
 
 def print_table(rows, args):
-    mode = " ".join(args.extra) or "default"
+    mode = (" ".join(args.extra) or "default") + (", under MPS" if args.mps else "")
     print(f"\n{args.preset} shape, r = {args.r}, {args.steps} steps per copy, train.py flags: {mode}")
     print(f"{'s':>4} {'d':>5} {'pack':>4} {'median tok/s per copy':>22} {'aggregate tok/s':>16} {'MFU':>6} "
           f"{'window s':>8} {'wall s':>6} {'last loss':>9}")
@@ -113,6 +115,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1500,
                    help="bench steps per copy; a third are warm-up (default 1500: with 300, copies that "
                         "replay CUDA graphs at ~10 ms a step finished before the last one had compiled)")
+    p.add_argument("--mps", action="store_true",
+                   help="run the copies under NVIDIA's Multi-Process Service (started and stopped here)")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -120,10 +124,14 @@ def main(argv=None):
     if args.preset not in sweep.PRESETS:
         p.error(f"--preset {args.preset!r}: choose one of {', '.join(sweep.PRESETS)}")
     rows = []
-    for size in args.sizes:
-        for pack in args.pack:
-            rows.append(measure(args, size, pack))
-            print(json.dumps(rows[-1]), flush=True)
+    try:
+        with sweep.mps_daemon(args.mps):
+            for size in args.sizes:
+                for pack in args.pack:
+                    rows.append(dict(measure(args, size, pack), mps=args.mps))
+                    print(json.dumps(rows[-1]), flush=True)
+    except sweep.SweepError as err:
+        p.error(str(err))
     print_table(rows, args)
 
 
