@@ -117,8 +117,11 @@ MIDI_BUDGETS = {
     1.2e16: [3, 4, 5, 6, 8],
     2.4e16: [4, 5, 6, 7, 8],
 }
+# CUDA graphs (compile mode reduce-overhead) and MPS: six packed runs at d_model 128 gave 1.5x the
+# tokens/s of plain packing (THROUGHPUT.md, eighth round); a real run's validation loss moved by
+# 0.0005 (seventh round).
 MIDI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_dim=64,
-                     seq_len=512, batch_tokens=16384, samples=0)
+                     seq_len=512, batch_tokens=16384, samples=0, compile_mode="reduce-overhead")
 
 
 # Small models are bound by a per-step floor (launches, host work), not FLOPs: the pilots' two
@@ -166,6 +169,7 @@ class Preset:
     extra_cells: list = field(default_factory=list)    # cells with own train.py flags, as in --grid
     repeat_seeds: tuple = (1, 2)
     runs_per_gpu: int = 1                 # runs at once per GPU: hides small runs' start-up and compile
+    mps: bool = False                     # packed runs under NVIDIA's MPS where it is installed
     assumed_mfu: float = 0.40             # for estimates until runs have finished (small widths: less)
     checkpoints: int = 10                 # --save-every = steps // checkpoints (0: none)
     cpu: bool = False                     # planned for CPU: estimates in CPU-minutes
@@ -225,7 +229,7 @@ PRESETS = {
         "per cell (100 runs), depth 12 (2-8/r-2), T 512, B 16384, lrs x 2(D/2^26)^-0.2, vocab 2048, "
         "<= 3 epochs; 6 runs share each GPU",
         MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", vocab_size=2048,
-        runs_per_gpu=6, lr_scale=midi_lr_scale, gpu_step_model=MIDI_STEP_MODEL),
+        runs_per_gpu=6, mps=True, lr_scale=midi_lr_scale, gpu_step_model=MIDI_STEP_MODEL),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e10..2.4e11, r = 1, 4, widths "
         "s = 0.25..0.75 (d 16..48), depth 6 (1-4/r-1), T 128, vocab 1024; minutes on 2 cores",
@@ -952,9 +956,10 @@ def build_parser():
                         "Small runs are bound by launches and host work, so several at once keep the "
                         "GPU busier: six midi runs at d_model 128 gave 4.9x the tokens/s of one "
                         "(THROUGHPUT.md); it also hides their start-up and compilation")
-    p.add_argument("--mps", action="store_true",
-                   help="run the packed runs under NVIDIA's Multi-Process Service, started and stopped "
-                        "by the sweep (no GPU setting changes), so that their kernels run side by side")
+    p.add_argument("--mps", action=argparse.BooleanOptionalAction, default=None,
+                   help="run packed runs under NVIDIA's Multi-Process Service, started and stopped by "
+                        "the sweep (no GPU setting changes), so that their kernels run side by side "
+                        "(default: the preset's, midi's on, where nvidia-cuda-mps-control is installed)")
     p.add_argument("--jobs", type=int, default=None,
                    help="CPU only: runs at once (default: one per core, one thread each); the cores "
                         "are split between them")
@@ -1028,6 +1033,13 @@ def parse_args(argv):
         opts.runs_per_gpu = opts.preset.runs_per_gpu
     if opts.runs_per_gpu < 1:
         raise SweepError("--runs-per-gpu must be >= 1")
+    opts.mps_note = ""
+    if opts.mps is None:
+        opts.mps = opts.preset.mps and opts.gpus > 0 and opts.runs_per_gpu > 1
+        if opts.mps and shutil.which("nvidia-cuda-mps-control") is None:
+            opts.mps, opts.mps_note = False, " (no nvidia-cuda-mps-control here: packed without MPS)"
+    elif opts.mps and opts.gpus == 0:
+        raise SweepError("--mps needs GPUs")
     cores = os.cpu_count() or 1
     opts.jobs = opts.jobs or (min(opts.preset.jobs, cores) if opts.preset.jobs else cores)
     if opts.jobs < 1:
@@ -1103,7 +1115,9 @@ def main(argv=None):
         os.makedirs(opts.out, exist_ok=True)
         print(f"[sweep] preset {opts.preset_name}: {len(runs)} runs, {len(runs) - len(pending)} already ok, "
               f"{len(pending)} to run -> {opts.out} (the runs one by one: add --dry-run)", flush=True)
-        with mps_daemon(opts.mps and bool(pending) and opts.gpus > 0):
+        if opts.mps or opts.mps_note:
+            print(f"[sweep] MPS {'on' if opts.mps else 'off'}{opts.mps_note}", flush=True)
+        with mps_daemon(opts.mps and bool(pending)):
             results = run_locally(pending, opts, rate) if pending else {}
         failed = sorted(tag for tag, status in results.items() if status != "ok")
         if failed:
