@@ -215,6 +215,7 @@ def read_csv_rows(path):
 
 
 def find_files(paths):
+    """-> [(path, named)]: named is False for files found by searching a directory."""
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -222,9 +223,9 @@ def find_files(paths):
                            if f.endswith((".json", ".csv")))
             if not found:
                 raise InputError(f"{p}: directory holds no .json or .csv files")
-            files += found
+            files += [(f, False) for f in found]
         elif os.path.isfile(p):
-            files.append(p)
+            files.append((p, True))
         else:
             raise InputError(f"{p}: no such file or directory")
     return files
@@ -233,9 +234,14 @@ def find_files(paths):
 def load_points(paths, allow_mixed=False):
     """Reads every input into Points, skipping failed runs and dropping exact duplicates."""
     rows, skipped = [], []
-    for path in find_files(paths):
+    for path, named in find_files(paths):
         if path.endswith(".csv"):
-            rows += read_csv_rows(path)
+            try:
+                rows += read_csv_rows(path)
+            except InputError as err:
+                if named:
+                    raise
+                skipped.append(f"skipping {err}: not a table of runs")   # e.g. a sweep --grid file
             continue
         row, why = read_run_json(path)
         if row is None:

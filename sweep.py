@@ -124,9 +124,10 @@ MIDI_SETTINGS = dict(depth=12, n_prelude=2, n_coda=2, injection="linear", head_d
                      seq_len=512, batch_tokens=16384, samples=0, compile_mode="reduce-overhead")
 
 
-# Small models are bound by a per-step floor (launches, host work), not FLOPs: the pilots' two
-# rounds of six runs per H200 took 1.6x and 1.1x sum(steps) x 6 ms, compilation included.
-MIDI_STEP_MODEL = (0.0095, 0.25 * 989e12)
+# GPU-seconds per step of one run with six sharing an H200 under CUDA graphs and MPS: a floor for
+# small models (launches, small kernels) and a FLOP rate for large ones, fitted to two real midi
+# slices (35 runs in 507 s and 546 s, compilation included; THROUGHPUT.md, eighth round).
+MIDI_STEP_MODEL = (0.0044, 330e12)
 
 
 def midi_lr_scale(planned_tokens):
