@@ -742,7 +742,8 @@ def train(args):
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   threads=torch.get_num_threads() if device.type == "cpu" else None,
                   mfu_peak=peak_desc, torch_version=torch.__version__, cuda_version=torch.version.cuda,
-                  git_commit=commit, git_dirty=dirty, command=" ".join(sys.argv), compiled=use_compile)
+                  git_commit=commit, git_dirty=dirty, command=" ".join(sys.argv), compiled=use_compile,
+                  cuda_graphs=run.cuda_graphs, mps=device.type == "cuda" and "CUDA_MPS_PIPE_DIRECTORY" in os.environ)
 
     if args.bench:
         return bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, n_micro, peak, record)

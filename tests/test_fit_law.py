@@ -501,6 +501,20 @@ def test_mixed_runs_refused_and_duplicates_dropped(tmp_path):
     assert len(points) == len(runs)
 
 
+def test_a_grid_csv_beside_the_runs_is_skipped_unless_named(tmp_path, capsys):
+    """A sweep --grid file in a results folder is not a table of runs: skipped with a warning when
+    the folder is searched, an error when the file itself is given."""
+    runs = synthetic_runs()
+    for i, x in enumerate(runs):
+        (tmp_path / f"{i}.json").write_text(json.dumps(x))
+    grid = tmp_path / "grid.csv"
+    grid.write_text("budget,size,r\n1.2e15,2,4\n")
+    assert len(fl.load_points([str(tmp_path)])) == len(runs)
+    assert "grid.csv" in capsys.readouterr().err
+    with pytest.raises(fl.InputError, match="lacks column"):
+        fl.load_points([str(grid)])
+
+
 def test_cli_end_to_end_json_output(tmp_path):
     runs = synthetic_runs(noise=0.003, seed=2)
     for i, x in enumerate(runs):

@@ -376,3 +376,50 @@ def test_sliced_sweep_refuses_what_cannot_share_a_slice(tmp_path, presets, words
     assert res.returncode != 0
     assert words in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out.tgz").exists()
+
+
+# -----------------------------------------------------------------------------
+# MPS: a private daemon around the packed runs
+
+FAKE_MPS_CONTROL = """#!/bin/sh
+if [ "$1" = "-d" ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" >> {log}
+else read command; echo "$command $CUDA_MPS_PIPE_DIRECTORY" >> {log}; fi
+"""
+
+
+@pytest.fixture
+def fake_mps(tmp_path, monkeypatch):
+    """A stand-in nvidia-cuda-mps-control on PATH that logs each call and its pipe folder."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "mps.log"
+    bin_dir.mkdir()
+    control = bin_dir / "nvidia-cuda-mps-control"
+    control.write_text(FAKE_MPS_CONTROL.format(log=log))
+    control.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    return log
+
+
+def test_mps_daemon_serves_the_block_then_quits(fake_mps):
+    with sweep.mps_daemon(True):
+        folder = os.environ["CUDA_MPS_PIPE_DIRECTORY"]     # what every run started here inherits
+        assert os.path.isdir(folder) and os.environ["CUDA_MPS_LOG_DIRECTORY"] == folder
+    assert fake_mps.read_text().splitlines() == [f"start {folder}", f"quit {folder}"]
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not os.path.exists(folder)
+
+
+def test_mps_follows_the_preset_and_the_flags(fake_mps, monkeypatch):
+    midi = ["--preset", "midi", "--gpus", "1"]
+    assert sweep.parse_args(midi).mps                                # midi packs 6 under MPS
+    assert not sweep.parse_args(midi + ["--no-mps"]).mps
+    assert not sweep.parse_args(midi + ["--runs-per-gpu", "1"]).mps  # nothing to share
+    assert not sweep.parse_args(["--preset", "paper", "--gpus", "1"]).mps
+    assert sweep.parse_args(["--preset", "paper", "--gpus", "1", "--mps"]).mps
+    monkeypatch.setenv("PATH", "/nonexistent")                       # no MPS installed: a note
+    opts = sweep.parse_args(midi)
+    assert not opts.mps and "no nvidia-cuda-mps-control" in opts.mps_note
+    with pytest.raises(sweep.SweepError, match="nvidia-cuda-mps-control is not on PATH"):
+        with sweep.mps_daemon(True):
+            pass
+    with pytest.raises(sweep.SweepError, match="needs GPUs"):
+        sweep.parse_args(["--preset", "tiny", "--mps"])

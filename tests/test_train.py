@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -290,6 +291,7 @@ def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     steps_logged = [h["step"] for h in rec["history"]]
     assert steps_logged == sorted(set(steps_logged))      # one entry per step
     assert set(rec["lr"]) == {"matrix", "embedding", "lm_head", "norm", "hyperconnect"}
+    assert rec["cuda_graphs"] is False and rec["mps"] is False      # how it ran: plain, on a CPU
 
 
 @pytest.mark.slow
@@ -481,3 +483,18 @@ def test_lr_scale_multiplies_every_learning_rate():
     assert base["embedding"] == pytest.approx(0.3 * 5 ** 0.5 * (1 / 16) ** 0.558)
     assert doubled["lr_scale"] == 2
     assert all(doubled["lr"][k] == pytest.approx(2 * v) for k, v in base.items())
+
+
+def test_bench_copies_wait_for_each_other_after_warm_up(tmp_path, monkeypatch):
+    """BENCH_BARRIER=<folder>:<count>: each copy leaves a file and waits until <count> are there."""
+    folder = tmp_path / "barrier"
+    folder.mkdir()
+    (folder / "12345").write_text("")                 # the other copy, already waiting
+    monkeypatch.setenv("BENCH_BARRIER", f"{folder}:2")
+    t0 = time.time()
+    train.wait_for_other_benches(timeout=5)
+    assert time.time() - t0 < 1 and len(os.listdir(folder)) == 2
+    monkeypatch.setenv("BENCH_BARRIER", f"{folder}:4")  # two never come: it gives up at the timeout
+    t0 = time.time()
+    train.wait_for_other_benches(timeout=0.3)
+    assert 0.3 <= time.time() - t0 < 2
