@@ -32,6 +32,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -429,9 +430,11 @@ def read_status(out, runs):
     return runs
 
 
-def measured_flops_rate(out):
-    """Median achieved training FLOP/s per device over finished runs in out (None if none)."""
-    rates = []
+def measured_flops_rates(out):
+    """{d_model: median achieved training FLOP/s per device} over the finished runs in out. Small
+    widths are bound by a per-step floor and large ones by FLOPs, so one rate for all would
+    price a grid's narrow runs too cheap and its wide ones too dear."""
+    by_width = {}
     if os.path.isdir(out):
         for name in os.listdir(out):
             if not name.endswith(".json"):
@@ -440,10 +443,16 @@ def measured_flops_rate(out):
                 with open(os.path.join(out, name)) as f:
                     rec = json.load(f)
                 if rec.get("status") == "ok" and rec.get("wall_seconds"):
-                    rates.append(rec["train_flops"] / rec["wall_seconds"] / rec.get("world_size", 1))
+                    rate = rec["train_flops"] / rec["wall_seconds"] / rec.get("world_size", 1)
+                    by_width.setdefault(rec["d_model"], []).append(rate)
             except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError):
                 continue
-    return sorted(rates)[len(rates) // 2] if rates else None
+    return {d: sorted(rates)[len(rates) // 2] for d, rates in by_width.items()}
+
+
+def rate_at_width(rates, d_model):
+    """The measured rate of the nearest measured width (nearest in log d_model)."""
+    return rates[min(rates, key=lambda d: abs(math.log(d / d_model)))]
 
 
 def modelled_gpu_seconds(runs, step_model):
@@ -456,9 +465,15 @@ def modelled_gpu_seconds(runs, step_model):
 
 def throughput(preset, out, threads_per_job, runs_per_gpu=1, runs=()):
     """-> (FLOP/s per run slot device, description)."""
-    measured = measured_flops_rate(out)
-    if measured:
-        return measured, f"measured: median of the finished runs in {out}"
+    rates = measured_flops_rates(out)
+    pending = [r for r in runs if r.status != "ok"] or list(runs)
+    if rates and pending:
+        flops = sum(r.train_flops for r in pending)
+        seconds = sum(r.train_flops / rate_at_width(rates, r.d_model) for r in pending)
+        return (flops / seconds, f"measured: the finished runs in {out}, median per width, the "
+                                 f"nearest measured width for the others")
+    if rates:
+        return statistics.median(rates.values()), f"measured: the finished runs in {out}"
     if preset.gpu_step_model and runs:
         floor, achieved = preset.gpu_step_model
         seconds = modelled_gpu_seconds(runs, preset.gpu_step_model)
@@ -658,6 +673,7 @@ def run_locally(runs, opts, rate_guess):
     os.makedirs(log_dir, exist_ok=True)
     queue = sorted(runs, key=lambda r: -r.train_flops)     # largest first: the tail packs better
     free, running, results = list(slots), {}, {}
+    rates = measured_flops_rates(opts.out)
     progress = Progress(runs, rate_guess, len(slots))
     stop = {"signal": None}
 
@@ -671,7 +687,7 @@ def run_locally(runs, opts, rate_guess):
             if opts.time_limit and time.time() - progress.start > opts.time_limit and not stop["signal"]:
                 stop["signal"] = "time limit"
             while queue and free and not stop["signal"]:
-                run = next_run_that_fits(queue, opts, rate_guess, time.time() - progress.start)
+                run = next_run_that_fits(queue, opts, rates or rate_guess, time.time() - progress.start)
                 if run is None:
                     break
                 slot = free.pop(0)
@@ -699,7 +715,7 @@ def run_locally(runs, opts, rate_guess):
                 free.append(slot)
                 status = run_status_after(opts.out, run, proc.returncode)
                 results[run.tag] = status
-                rate_guess = measured_flops_rate(opts.out) or rate_guess   # --time-limit packs by it
+                rates = measured_flops_rates(opts.out)       # --time-limit packs by them
                 progress.finished(run, status)
                 took = fmt_time(time.time() - t0)
                 if status == "ok":
@@ -724,16 +740,19 @@ def run_locally(runs, opts, rate_guess):
     return results
 
 
-def expected_seconds(run, opts, rate_guess):
-    """A run's wall time from the FLOP rate, plus start-up (compilation on a GPU, ~45 s with
-    torch.compile's cache warm; measured rates already include it, so this errs long)."""
-    return 1.2 * run.train_flops / rate_guess + (45 if opts.gpus else 10)
+def expected_seconds(run, opts, rate):
+    """A run's wall time from a FLOP rate (or {d_model: measured rate}), plus start-up (compilation
+    on a GPU, ~45 s with torch.compile's cache warm; measured rates already include it, so this
+    errs long)."""
+    if isinstance(rate, dict):
+        rate = rate_at_width(rate, run.d_model)
+    return 1.2 * run.train_flops / rate + (45 if opts.gpus else 10)
 
 
-def next_run_that_fits(queue, opts, rate_guess, elapsed):
+def next_run_that_fits(queue, opts, rate, elapsed):
     """Pops the largest queued run that can finish inside --time-limit (any run without one)."""
     for i, run in enumerate(queue):
-        if not opts.time_limit or elapsed + expected_seconds(run, opts, rate_guess) <= opts.time_limit:
+        if not opts.time_limit or elapsed + expected_seconds(run, opts, rate) <= opts.time_limit:
             return queue.pop(i)
     return None
 

@@ -353,6 +353,23 @@ def test_time_limit_starts_only_runs_that_fit(fake_env, tmp_path, tiny_data):
     assert res.returncode == 0 and res.stdout.count("] start ") == 6
 
 
+def test_cost_uses_the_measured_rate_of_each_width(tmp_path):
+    """Finished runs at d_model 64 (1e12 FLOP/s) and 512 (1e14): a pending run takes the rate of
+    the nearest measured width in log d_model, and the total is summed run by run."""
+    for tag, d, rate in (("a", 64, 1e12), ("b", 64, 3e12), ("c", 64, 2e12), ("w", 512, 1e14)):
+        (tmp_path / f"{tag}.json").write_text(json.dumps(
+            dict(status="ok", d_model=d, train_flops=rate * 100, wall_seconds=100, world_size=1)))
+    rates = sweep.measured_flops_rates(str(tmp_path))
+    assert rates == {64: 2e12, 512: 1e14}                  # the median of 64's three
+    assert sweep.rate_at_width(rates, 128) == 2e12         # log2 distance 1 against 2
+    assert sweep.rate_at_width(rates, 256) == 1e14
+    pending = [sweep.Run(1e15, 1, 1, {}, d_model=96, flops_per_token=1, tokens=10 ** 13),
+               sweep.Run(1e15, 1, 1, {}, d_model=400, flops_per_token=1, tokens=10 ** 15)]
+    rate, how = sweep.throughput(sweep.PRESETS["midi"], str(tmp_path), 1, 6, pending)
+    by_hand = (1e13 + 1e15) / (1e13 / 2e12 + 1e15 / 1e14)
+    assert rate == pytest.approx(by_hand) and "per width" in how
+
+
 def test_command_passes_the_planned_budget_exactly(tmp_path):
     """A grid budget with more digits than the tag shows must reach train.py unrounded."""
     grid = tmp_path / "grid.csv"
