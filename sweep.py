@@ -183,26 +183,27 @@ class Preset:
                                           # with runs_per_gpu sharing the GPU, as measured
 
 
-def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, **common):
+def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, r=(2, 4, 8), **common):
     """The two case-study grids of SPEC.md section 6 on top of a base preset: truncated backprop
-    (k = ceil(r/2)) and hyperconnections (K = 2), r = 2, 4, 8, with the base's r=1 runs shared.
-    `common`: further Preset fields of both (vocab_size, runs_per_gpu, the base's extra_cells)."""
+    (k = ceil(r/2)) and hyperconnections (K = 2), r = 2, 4, 8 (or `r`), with the base's r=1 runs
+    shared. `common`: further Preset fields of both (vocab_size, runs_per_gpu, the base's extra_cells)."""
     short = lambda c: f"{c:g}".replace("e+", "e")
+    rs = ", ".join(str(x) for x in r)
     top = short(max(budgets))
     cells = [(c["budget"], c["size"]) for c in common.get("extra_cells", []) if c["r"] > 1]
-    widths = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, w in
-                                     sorted(set(cells + [(c, w) for c, ws in extra.items() for w in ws])))
+    widths = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, w in sorted(set(
+        cells + [(c, w) for c, ws in extra.items() for w in ws]))) or "no extra widths"
     return {
         f"{base}-trunc": Preset(
-            f"truncated backprop case study on {base}'s budgets up to {top}: r = 2, 4, 8 with "
+            f"truncated backprop case study on {base}'s budgets up to {top}: r = {rs} with "
             f"k = ceil(r/2), plus {widths(trunc_extra)} (r=1 shared with {base})",
-            budgets, (2, 4, 8), settings, data=data, extra_widths=trunc_extra,
+            budgets, tuple(r), settings, data=data, extra_widths=trunc_extra,
             bptt_k=lambda r: math.ceil(r / 2), share_r1_from=base,
             fit_args=("--by", "backprop", "--max-budget", top, "--seed-noise", "auto"), **common),
         f"{base}-hc": Preset(
             f"hyperconnection case study on {base}'s budgets up to {top}: --injection hyperconnect "
-            f"--lanes 2, r = 2, 4, 8, plus {widths(hc_extra)} (r=1 shared with {base})",
-            budgets, (2, 4, 8), dict(settings, injection="hyperconnect", lanes=2), data=data,
+            f"--lanes 2, r = {rs}, plus {widths(hc_extra)} (r=1 shared with {base})",
+            budgets, tuple(r), dict(settings, injection="hyperconnect", lanes=2), data=data,
             extra_widths=hc_extra, share_r1_from=base,
             fit_args=("--by", "injection", "--by-ref", "linear", "--max-budget", top,
                       "--seed-noise", "auto"),
@@ -232,6 +233,15 @@ PRESETS = {
         "<= 3 epochs; 6 runs share each GPU",
         MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", vocab_size=2048,
         runs_per_gpu=6, mps=True, lr_scale=midi_lr_scale, gpu_step_model=MIDI_STEP_MODEL),
+    # midi's case studies (issue #27): midi's recipe unchanged, lr_scale included. train.py's
+    # --lr-scale multiplies every learning rate, the hyperconnect scalars' too, so hyperconnect
+    # runs get midi's multiplier on HyperP's hyperconnect lr as well. All five budgets and midi's
+    # widths (they bracket every variant cell's optimum); r = 4, 8 only: under midi's measured
+    # noise dropping r = 2 narrowed the predicted delta phi CI and cost a third less
+    # (scripts/design_grid.py --preset midi-trunc --candidates; results/midi-trunc/README.md).
+    **case_studies("midi", MIDI_BUDGETS, MIDI_SETTINGS, "data/midi", trunc_extra={}, hc_extra={},
+                   r=(4, 8), vocab_size=2048, runs_per_gpu=6, mps=True, lr_scale=midi_lr_scale,
+                   gpu_step_model=MIDI_STEP_MODEL),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e10..2.4e11, r = 1, 4, widths "
         "s = 0.25..0.75 (d 16..48), depth 6 (1-4/r-1), T 128, vocab 1024; minutes on 2 cores",

@@ -130,3 +130,111 @@ def test_step_model_takes_the_larger_of_floor_and_flops():
     big = SimpleNamespace(steps=10, flops_per_token=1e9, settings=dict(batch_tokens=1000))       # 1e12 FLOPs/step
     # floor 0.01 s, 1e12 FLOP/s: small runs 1000 x 0.01 s, big ones 10 x 1 s
     assert sweep.modelled_gpu_seconds([small, big], (0.01, 1e12)) == pytest.approx(10 + 10)
+
+
+# -----------------------------------------------------------------------------
+# Case studies (issue #27): midi-trunc and midi-hc against midi, the paired delta phi CI
+
+def case_arrays(name, keep_budgets=None):
+    preset = sweep.PRESETS[name]
+    if keep_budgets is not None:
+        preset = design_grid.with_widths(preset, {c: ws for c, ws in preset.budgets.items() if c in keep_budgets})
+    runs, group = design_grid.case_study_runs(preset, 2048)
+    return design_grid.run_arrays(runs), group, design_grid.case_cells(runs, group)
+
+
+def test_midi_case_study_presets_plan_their_variant_and_share_r1():
+    for name in ("midi-trunc", "midi-hc"):
+        preset = sweep.PRESETS[name]
+        assert preset.share_r1_from == "midi" and preset.data == "data/midi" and preset.vocab_size == 2048
+        assert preset.lr_scale is sweep.midi_lr_scale and preset.gpu_step_model == sweep.MIDI_STEP_MODEL
+        assert set(preset.budgets) <= set(sweep.MIDI_BUDGETS) and "--by" in preset.fit_args
+        runs = design_grid.planned_runs(preset, 2048)
+        assert runs and all(run.r > 1 for run in runs)
+        assert all("lr_scale" in run.settings for run in runs)
+    trunc = design_grid.planned_runs(sweep.PRESETS["midi-trunc"], 2048)
+    assert all(run.bptt_k == math.ceil(run.r / 2) and run.injection == "linear" for run in trunc)
+    hc = design_grid.planned_runs(sweep.PRESETS["midi-hc"], 2048)
+    assert all(run.injection == "hyperconnect" and run.lanes == 2 and run.bptt_k is None for run in hc)
+    # truncation leaves the parameters alone and cuts FLOPs per token, so a run sees more tokens
+    [full] = sweep.plan(sweep.cells_to_runs([dict(budget=5.5e15, size=3, r=8)], sweep.PRESETS["midi"]), 2048)
+    [cut] = [run for run in trunc if run.budget == 5.5e15 and run.size == 3 and run.r == 8]
+    assert (cut.n_once, cut.n_rec) == (full.n_once, full.n_rec) and cut.tokens > full.tokens
+
+
+def test_case_study_runs_share_the_baselines_r1_runs():
+    arrays, group, cells = case_arrays("midi-trunc")
+    assert set(arrays["r"][group == 0]) == {1} and set(arrays["r"][group == 2]) == set(sweep.PRESETS["midi-trunc"].r)
+    assert np.sum(group == 0) == 25                   # midi's r = 1 runs on its five budgets
+    # a variant cell never shares its misfit with the baseline cell of the same (budget, r)
+    assert not set(cells[group == 2]) & set(cells[group < 2])
+
+
+def test_linearised_delta_phi_ci_shrinks_with_noise_and_grows_without_a_budget():
+    law = design_grid.LAWS["midi"]
+    arrays, group, cells = case_arrays("midi-trunc")
+    sd = lambda s, c, a=arrays, g=group, k=cells: design_grid.linearised_delta_phi(  # noqa: E731
+        a, g, k, law, law, s, c, delta=math.inf)["sd_delta"]
+    assert sd(0.01, 0.0) == pytest.approx(sd(0.02, 0.0) / 2, rel=0.02)     # least squares: linear in noise
+    assert sd(0.02, 0.01) > 1.1 * sd(0.02, 0.0)
+    fewer = case_arrays("midi-trunc", keep_budgets=sorted(sweep.MIDI_BUDGETS)[:4])
+    assert sd(0.02, 0.01, *fewer) > 1.03 * sd(0.02, 0.01)
+
+
+def test_sampled_scores_match_the_closed_form_least_squares_sandwich():
+    """With psi(e) = e the sampled sd must equal w' Sigma w computed in closed form from an
+    independent least-squares influence (the pseudo-inverse of each fit's Jacobian)."""
+    law = design_grid.LAWS["midi"]
+    arrays, group, cells = case_arrays("midi-hc")
+    L = design_grid.true_losses(arrays, group, law, law)
+    cov = design_grid.noise_cov_log(L, cells, 0.02, 0.01)
+    w = np.zeros(len(L))
+    for sign, rows in ((-1, np.flatnonzero(group < 2)), (1, np.flatnonzero(group != 1))):
+        sub = {k: v[rows] for k, v in arrays.items()}
+        J = design_grid.log_law_jacobian(design_grid.as_theta(law), sub)
+        w[rows] += sign * np.linalg.pinv(J)[5]
+    exact = math.sqrt(w @ cov @ w)
+    sampled = design_grid.linearised_delta_phi(arrays, group, cells, law, law, 0.02, 0.01,
+                                               delta=math.inf, samples=40000)["sd_delta"]
+    assert sampled == pytest.approx(exact, rel=0.03)
+
+
+def test_linearised_delta_phi_sd_agrees_with_refits_of_synthetic_grid_pairs():
+    """The Huber-linearised sd of delta phi against the spread of delta phi over 10 pairs of
+    synthetic grids, each design fitted by fit_law.py on its runs plus the shared r = 1 runs."""
+    import fit_law
+    law = design_grid.LAWS["midi"]
+    arrays, group, cells = case_arrays("midi-hc", keep_budgets=sorted(sweep.MIDI_BUDGETS)[:3])
+    predicted = design_grid.linearised_delta_phi(arrays, group, cells, law, law, 0.01, 0.0)["sd_delta"]
+    truth = design_grid.true_losses(arrays, group, law, law)
+    start = [math.log(law[1]), law[2], math.log(law[3]), law[4], math.log(law[0]), law[5]]
+    rng = np.random.default_rng(1)
+    deltas = []
+    for seed in range(10):
+        points = design_grid.case_study_points(arrays, group, truth + rng.normal(0, 0.01, len(truth)))
+        phis = [fit_law.fit_law(points.subset(rows), restarts=1, seed=seed, extra_starts=[start]).phi
+                for rows in (np.flatnonzero(group < 2), np.flatnonzero(group != 1))]
+        deltas.append(phis[1] - phis[0])
+    measured = float(np.std(deltas, ddof=1))
+    assert predicted / 1.6 < measured < predicted * 1.6, (predicted, measured)
+
+
+def test_noise_split_recovers_known_run_and_cell_parts():
+    rng = np.random.default_rng(0)
+    cells = np.repeat(np.arange(300), 4)
+    resid = rng.normal(0, 0.02, cells.size) + rng.normal(0, 0.01, 300)[cells]
+    sigma, cell_sigma, info = design_grid.split_residuals(resid, cells, n_params=0)
+    assert sigma == pytest.approx(0.02, rel=0.08) and cell_sigma == pytest.approx(0.01, rel=0.2)
+    assert info["cell_sigma_high"] > cell_sigma
+    sigma, cell_sigma, _ = design_grid.split_residuals(rng.normal(0, 0.02, cells.size), cells, n_params=0)
+    assert cell_sigma < 0.005
+    with pytest.raises(SystemExit, match="split the noise"):
+        design_grid.split_residuals(np.zeros(3), np.arange(3))
+
+
+def test_design_grid_case_study_mode(capsys):
+    design_grid.main(["--preset", "midi-hc", "--candidates"])
+    out = capsys.readouterr().out
+    assert "paired delta phi" in out and "r48-5-budgets" in out and "r248-5-budgets" in out
+    with pytest.raises(SystemExit, match="choose one of"):
+        design_grid.main(["--preset", "midi-hc", "--design", "nope"])
