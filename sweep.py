@@ -191,18 +191,19 @@ def case_studies(base, budgets, settings, data, trunc_extra, hc_extra, r=(2, 4, 
     rs = ", ".join(str(x) for x in r)
     top = short(max(budgets))
     cells = [(c["budget"], c["size"]) for c in common.get("extra_cells", []) if c["r"] > 1]
-    widths = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, w in sorted(set(
-        cells + [(c, w) for c, ws in extra.items() for w in ws]))) or "no extra widths"
+    listed = lambda extra: ", ".join(f"s={w} at {short(c)}" for c, w in sorted(set(
+        cells + [(c, w) for c, ws in extra.items() for w in ws])))
+    extra_widths = lambda extra: f", plus {listed(extra)}" if listed(extra) else ""
     return {
         f"{base}-trunc": Preset(
             f"truncated backprop case study on {base}'s budgets up to {top}: r = {rs} with "
-            f"k = ceil(r/2), plus {widths(trunc_extra)} (r=1 shared with {base})",
+            f"k = ceil(r/2){extra_widths(trunc_extra)} (r=1 shared with {base})",
             budgets, tuple(r), settings, data=data, extra_widths=trunc_extra,
             bptt_k=lambda r: math.ceil(r / 2), share_r1_from=base,
             fit_args=("--by", "backprop", "--max-budget", top, "--seed-noise", "auto"), **common),
         f"{base}-hc": Preset(
             f"hyperconnection case study on {base}'s budgets up to {top}: --injection hyperconnect "
-            f"--lanes 2, r = {rs}, plus {widths(hc_extra)} (r=1 shared with {base})",
+            f"--lanes 2, r = {rs}{extra_widths(hc_extra)} (r=1 shared with {base})",
             budgets, tuple(r), dict(settings, injection="hyperconnect", lanes=2), data=data,
             extra_widths=hc_extra, share_r1_from=base,
             fit_args=("--by", "injection", "--by-ref", "linear", "--max-budget", top,
@@ -233,7 +234,7 @@ PRESETS = {
         "<= 3 epochs; 6 runs share each GPU",
         MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", vocab_size=2048,
         runs_per_gpu=6, mps=True, lr_scale=midi_lr_scale, gpu_step_model=MIDI_STEP_MODEL),
-    # midi's case studies (issue #27): midi's recipe unchanged, lr_scale included. train.py's
+    # midi's case studies: midi's recipe unchanged, lr_scale included. train.py's
     # --lr-scale multiplies every learning rate, the hyperconnect scalars' too, so hyperconnect
     # runs get midi's multiplier on HyperP's hyperconnect lr as well. All five budgets and midi's
     # widths (they bracket every variant cell's optimum); r = 4, 8 only: under midi's measured
