@@ -648,7 +648,9 @@ def mps_daemon(enabled):
     one's kernels with another's host work. Under MPS their kernels run side by side, which is
     what small kernels need to fill the chip. The daemon gets a private pipe and log folder (the
     CUDA_MPS_* variables, inherited by every child), is stopped on the way out, and changes no GPU
-    setting: no compute mode, no clocks."""
+    setting: no compute mode, no clocks. The price: a fatal GPU error in one run (an illegal
+    memory access, say) ends every run on that GPU, and the server refuses new runs until they
+    have all exited; such runs end "failed" and the next sweep resumes them from their checkpoints."""
     if not enabled:
         yield
         return
