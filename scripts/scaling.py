@@ -59,6 +59,7 @@ SWEEP_TARGET = 7.0
 LOSS_CHECK_FLAGS = ["--size", "6", "--r", "4", "--seq-len", "1024", "--batch-tokens", "65536",
                     "--muon-lr", "0.02", "--seed", "0", "--log-every", "10", "--samples", "0",
                     "--eval-tokens", "524288"]
+PAPER_ROWS = 2 ** 18 // 2048          # rows of one optimizer step at bench.py's shape
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -147,12 +148,20 @@ def table_lines(rows, env):
     return lines
 
 
+def device_batch_for(device_batch, n):
+    """The config's device batch, or less where n GPUs split a step's rows finer: the global
+    batch stays 2^18 tokens = 128 rows of 2048, so s10r4's 32 rows become 16 on 8 GPUs (one
+    micro-step each)."""
+    return max(1, min(device_batch, PAPER_ROWS // n))
+
+
 def measure_scaling(configs, counts, steps, device_batch, extra, env):
     results = []
     for name in configs:
         flags, db, _ = bench.CONFIGS[name]
         for n in counts:
-            res = bench.bench_one(flags, device_batch or db, steps, extra, launch=torchrun(n), env=env)
+            res = bench.bench_one(flags, device_batch_for(device_batch or db, n), steps, extra,
+                                  launch=torchrun(n), env=env)
             res.update(name=name, world_size=res.get("world_size", n))
             res.pop("step_ends", None)
             results.append(res)
