@@ -32,12 +32,15 @@ CONFIGS = {
 }
 
 
-def bench_one(flags, device_batch, steps, extra):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--bench", "--bench-steps", str(steps),
+def bench_one(flags, device_batch, steps, extra, launch=None, env=None):
+    """One `train.py --bench` at the paper shape -> its BENCH dict plus wall seconds, or {error}.
+    launch: what starts train.py (default this Python; scripts/scaling.py passes torchrun's)."""
+    launch = launch or [sys.executable, os.path.join(ROOT, "train.py")]
+    cmd = [*launch, "--bench", "--bench-steps", str(steps),
            "--vocab-size", "32001", "--seq-len", "2048", "--batch-tokens", str(2 ** 18),
            "--device-batch", str(device_batch), *flags, *extra]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH "):
             result = json.loads(line[6:])
