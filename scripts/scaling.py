@@ -1,5 +1,5 @@
 """
-Data-parallel scaling on one host (issue #28): train.py under torchrun at 1, 2, 4 and 8 GPUs,
+Data-parallel scaling on one host: train.py under torchrun at 1, 2, 4 and 8 GPUs,
 its loss curve against one GPU, and a sweep on 8 GPUs against the same sweep on one.
 
     python scripts/scaling.py                                  # s10r4, s20r4 at 1 2 4 8 GPUs: the table
@@ -14,7 +14,7 @@ How data flows:
           torchrun --standalone --nproc_per_node=N train.py -- --bench ... [flags after --]
           -> rank 0's BENCH {json}: tokens/s of the whole job, MFU over N GPUs, rank 0's peak memory
           -> speed-up = tokens/s at N / tokens/s at 1 of the same config; efficiency = speed-up / N
-          -> the table, with the issue's 8-GPU targets; --json: every row
+          -> the table, with the 8-GPU targets; --json: every row
     --loss-check: one short real run (fixed seed) at each N under torchrun
           -> <out>/<tag>.json of each (train.py's history) -> the train loss per logged step side by
              side, and each N's largest relative difference from N = 1
@@ -52,7 +52,7 @@ def load_bench():
 
 bench = load_bench()
 
-# Issue #28: speed-up on 8 GPUs over 1, per config
+# The 8-GPU speed-ups over 1 GPU to reach, per config
 TARGETS = {8: {"s20r4": 7.3, "s10r4": 6.8}}
 SWEEP_TARGET = 7.0
 # the 2-GPU check of THROUGHPUT.md ("Several GPUs"): s=6, r=4, T 1024, B 65,536, 60 steps
@@ -111,7 +111,7 @@ def torchrun(n):
 # The scaling table
 
 def scaling_rows(results):
-    """Adds speed-up over the same config's 1-GPU row, efficiency and the issue's target to each
+    """Adds speed-up over the same config's 1-GPU row, efficiency and the 8-GPU target to each
     BENCH row ({name, world_size, tokens_per_second, ...} or {name, world_size, error})."""
     single = {r["name"]: r["tokens_per_second"] for r in results
               if r["world_size"] == 1 and "error" not in r}
@@ -310,7 +310,7 @@ def compare_lines(c):
     if c["speedup"] is not None:
         verdict = "met" if c["speedup"] >= SWEEP_TARGET else "NOT met"
         lines.append(f"speed-up of {c['dir2']} over {c['dir1']}: {c['speedup']:.2f}x "
-                     f"(issue #28's target >= {SWEEP_TARGET:g}x: {verdict})")
+                     f"(target >= {SWEEP_TARGET:g}x: {verdict})")
     return lines
 
 
