@@ -49,13 +49,16 @@ import os
 import sys
 from dataclasses import replace
 
-import numpy as np
-from scipy.stats import f as f_distribution
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import sweep  # noqa: E402  (the repo root is on the path only now)
+# fit_law first: it gives OpenBLAS one thread before numpy loads it (its fits call BLAS on tiny
+# vectors, where more threads only spin)
+import fit_law  # noqa: E402  (the repo root is on the path only now)
+import numpy as np  # noqa: E402
+from scipy.stats import f as f_distribution  # noqa: E402
+
+import sweep  # noqa: E402
 
 LAWS = {  # E, A, alpha, B, beta, phi
     "paper": (1.56773, 28.027, 0.19924, 915.82, 0.36863, 0.459),
@@ -174,7 +177,6 @@ def linearised_phi_sd(arrays, cells, law, sigma, cell_sigma):
 
 def monte_carlo(arrays, cells, law, sigma, cell_sigma, draws, resamples, seed):
     """Synthetic grids fitted and bootstrapped with fit_law.py: widths of the 95% CIs, coverage."""
-    import fit_law
     rng = np.random.default_rng(seed)
     truth = law_loss(law, arrays["n_once"], arrays["n_rec"], arrays["r"], arrays["D"])
     start = np.array([math.log(law[1]), law[2], math.log(law[3]), law[4], math.log(law[0]), law[5]])
@@ -204,16 +206,12 @@ def monte_carlo(arrays, cells, law, sigma, cell_sigma, draws, resamples, seed):
 BASE, VARIANT = "baseline", "variant"      # the --by groups of the synthetic grids
 
 
-def budget_key(c):
-    return float(f"{c:.4g}")                # as fit_law.budget_key: one key per planned budget
-
-
 def case_study_runs(variant, vocab_size):
     """(runs, group): the baseline preset's runs on the variant's budgets, then the variant's
     looped runs; group 0 = the shared r = 1 runs, 1 = baseline looped, 2 = variant looped."""
     base = sweep.PRESETS[variant.share_r1_from]
-    budgets = {budget_key(c) for c in variant.budgets}
-    base_runs = [run for run in planned_runs(base, vocab_size) if budget_key(run.budget) in budgets]
+    budgets = {fit_law.budget_key(c) for c in variant.budgets}
+    base_runs = [run for run in planned_runs(base, vocab_size) if fit_law.budget_key(run.budget) in budgets]
     var_runs = [run for run in planned_runs(variant, vocab_size) if run.r > 1]
     group = [0 if run.r == 1 else 1 for run in base_runs] + [2] * len(var_runs)
     return base_runs + var_runs, np.array(group)
@@ -222,7 +220,7 @@ def case_study_runs(variant, vocab_size):
 def case_cells(runs, group):
     """Misfit cells: (budget, r, design). A variant cell's misfit is drawn apart from the
     baseline's at the same (budget, r): they are different architectures."""
-    keys = [(budget_key(run.budget), run.r, g == 2) for run, g in zip(runs, group)]
+    keys = [(fit_law.budget_key(run.budget), run.r, g == 2) for run, g in zip(runs, group)]
     order = sorted(set(keys))
     return np.array([order.index(k) for k in keys])
 
@@ -258,7 +256,6 @@ def linearised_delta_phi(arrays, group, cells, base_law, var_law, sigma, cell_si
     theta-hat - theta = (J' D J)^-1 J' psi(e), D = E[psi'(e)]. The scores psi(e) of correlated
     Gaussian errors are clipped, so their covariance is taken from `samples` draws of e.
     delta=None takes fit_law.py's kink; delta=math.inf is least squares, psi(e) = e."""
-    import fit_law
     delta = fit_law.HUBER_DELTA if delta is None else delta
     L = true_losses(arrays, group, base_law, var_law)
     cov = noise_cov_log(L, cells, sigma, cell_sigma)
@@ -278,7 +275,6 @@ def linearised_delta_phi(arrays, group, cells, base_law, var_law, sigma, cell_si
 
 
 def case_study_points(arrays, group, L):
-    import fit_law
     rows = [dict(N_once=a, N_rec=b, r=r, D=d, L=l, C=c, meta={"design": VARIANT if g == 2 else BASE})
             for a, b, r, d, l, c, g in zip(arrays["n_once"], arrays["n_rec"], arrays["r"], arrays["D"],
                                            L, arrays["C"], group)]
@@ -289,7 +285,6 @@ def monte_carlo_delta(arrays, group, cells, base_law, var_law, sigma, cell_sigma
                       seed, jobs, restarts=16):
     """Synthetic baseline + variant grids fitted and paired-bootstrapped by fit_law.compare_groups
     (the --by path): median width of the delta phi 95% CIs, how often they hold the true delta."""
-    import fit_law
     rng = np.random.default_rng(seed)
     truth = true_losses(arrays, group, base_law, var_law)
     true_delta = var_law[5] - base_law[5]
@@ -390,7 +385,6 @@ def split_residuals(resid, cells, n_params=6):
 
 def joint_law_of(points, fit_json, restarts):
     """E, A, alpha, B, beta, phi: the 'joint' fit of a fit_law.py --json file, or fitted here."""
-    import fit_law
     if fit_json:
         try:
             with open(fit_json) as f:
@@ -404,7 +398,6 @@ def joint_law_of(points, fit_json, restarts):
 
 
 def noise_report(run_dir, fit_json, restarts):
-    import fit_law
     try:
         points = fit_law.load_points([run_dir])
     except fit_law.InputError as err:
