@@ -136,6 +136,11 @@ def midi_lr_scale(planned_tokens):
     return float(f"{2.0 * (planned_tokens / 2 ** 26) ** -0.2:.3g}")
 
 
+# How midi's runs are set up and priced, beyond their settings; its case studies take the same
+MIDI_RECIPE = dict(vocab_size=2048, runs_per_gpu=6, mps=True, lr_scale=midi_lr_scale,
+                   gpu_step_model=MIDI_STEP_MODEL)
+
+
 # demo: a CPU grid on the embedded stdlib corpus (data/demo: vocab 1024), a few minutes on 2
 # cores incl. the fit. Depth 6 = 1 + 4 + 1. Widths s -> d_model = 64 s = 16, 32, 48 (head_dim 16).
 # Even d = 16 is wider than compute-optimal here: at 1e11..4e11 FLOPs the loss fell with every
@@ -232,8 +237,7 @@ PRESETS = {
         "mini's shape where the law fits: 5 budgets 1.2e15..2.4e16 (20x), r = 1, 2, 4, 8, 5 widths "
         "per cell (100 runs), depth 12 (2-8/r-2), T 512, B 16384, lrs x 2(D/2^26)^-0.2, vocab 2048, "
         "<= 3 epochs; 6 runs share each GPU",
-        MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", vocab_size=2048,
-        runs_per_gpu=6, mps=True, lr_scale=midi_lr_scale, gpu_step_model=MIDI_STEP_MODEL),
+        MIDI_BUDGETS, (1, 2, 4, 8), MIDI_SETTINGS, data="data/midi", **MIDI_RECIPE),
     # midi's case studies: midi's recipe unchanged, lr_scale included. train.py's
     # --lr-scale multiplies every learning rate, the hyperconnect scalars' too, so hyperconnect
     # runs get midi's multiplier on HyperP's hyperconnect lr as well. All five budgets and midi's
@@ -241,8 +245,7 @@ PRESETS = {
     # noise dropping r = 2 narrowed the predicted delta phi CI and cost a third less
     # (scripts/design_grid.py --preset midi-trunc --candidates; results/midi-trunc/README.md).
     **case_studies("midi", MIDI_BUDGETS, MIDI_SETTINGS, "data/midi", trunc_extra={}, hc_extra={},
-                   r=(4, 8), vocab_size=2048, runs_per_gpu=6, mps=True, lr_scale=midi_lr_scale,
-                   gpu_step_model=MIDI_STEP_MODEL),
+                   r=(4, 8), **MIDI_RECIPE),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e10..2.4e11, r = 1, 4, widths "
         "s = 0.25..0.75 (d 16..48), depth 6 (1-4/r-1), T 128, vocab 1024; minutes on 2 cores",
@@ -687,6 +690,10 @@ def run_locally(runs, opts, rate_guess):
     queue = sorted(runs, key=lambda r: -r.train_flops)     # largest first: the tail packs better
     free, running, results = list(slots), {}, {}
     rates = measured_flops_rates(opts.out)
+
+    def rate_of(run):     # --time-limit packs by it: the run's width's measured rate, once there is one
+        return rate_at_width(rates, run.d_model) if rates else rate_guess
+
     progress = Progress(runs, rate_guess, len(slots))
     stop = {"signal": None}
 
@@ -700,7 +707,7 @@ def run_locally(runs, opts, rate_guess):
             if opts.time_limit and time.time() - progress.start > opts.time_limit and not stop["signal"]:
                 stop["signal"] = "time limit"
             while queue and free and not stop["signal"]:
-                run = next_run_that_fits(queue, opts, rates or rate_guess, time.time() - progress.start)
+                run = next_run_that_fits(queue, opts, rate_of, time.time() - progress.start)
                 if run is None:
                     break
                 slot = free.pop(0)
@@ -728,7 +735,7 @@ def run_locally(runs, opts, rate_guess):
                 free.append(slot)
                 status = run_status_after(opts.out, run, proc.returncode)
                 results[run.tag] = status
-                rates = measured_flops_rates(opts.out)       # --time-limit packs by them
+                rates = measured_flops_rates(opts.out)
                 progress.finished(run, status)
                 took = fmt_time(time.time() - t0)
                 if status == "ok":
@@ -754,18 +761,16 @@ def run_locally(runs, opts, rate_guess):
 
 
 def expected_seconds(run, opts, rate):
-    """A run's wall time from a FLOP rate (or {d_model: measured rate}), plus start-up (compilation
-    on a GPU, ~45 s with torch.compile's cache warm; measured rates already include it, so this
-    errs long)."""
-    if isinstance(rate, dict):
-        rate = rate_at_width(rate, run.d_model)
+    """A run's wall time from its FLOP rate, plus start-up (compilation on a GPU, ~45 s with
+    torch.compile's cache warm; measured rates already include it, so this errs long)."""
     return 1.2 * run.train_flops / rate + (45 if opts.gpus else 10)
 
 
-def next_run_that_fits(queue, opts, rate, elapsed):
-    """Pops the largest queued run that can finish inside --time-limit (any run without one)."""
+def next_run_that_fits(queue, opts, rate_of, elapsed):
+    """Pops the largest queued run that can finish inside --time-limit (any run without one);
+    rate_of(run) is its FLOP rate."""
     for i, run in enumerate(queue):
-        if not opts.time_limit or elapsed + expected_seconds(run, opts, rate) <= opts.time_limit:
+        if not opts.time_limit or elapsed + expected_seconds(run, opts, rate_of(run)) <= opts.time_limit:
             return queue.pop(i)
     return None
 
