@@ -41,8 +41,8 @@ def bench_flags(preset_name, size, r, steps, extra):
     return flags + sweep.settings_flags(model_and_batch) + list(extra)
 
 
-def launch(flags, pack):
-    barrier = tempfile.mkdtemp(prefix="bench-barrier-")
+def launch(flags, pack, barrier):
+    """pack copies of train.py; each waits in the folder `barrier` for the others after warm-up."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_BARRIER=f"{barrier}:{pack}")
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(ROOT, ".cache", "inductor"))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
@@ -76,7 +76,8 @@ def aggregate(results):
 def measure(args, size, pack):
     flags = bench_flags(args.preset, size, args.r, args.steps, args.extra)
     t0 = time.time()
-    results, errors = collect(launch(flags, pack))
+    with tempfile.TemporaryDirectory(prefix="bench-barrier-") as barrier:
+        results, errors = collect(launch(flags, pack, barrier))
     if errors or not results:
         return dict(size=size, pack=pack, error=errors[0] if errors else "no output")
     rate, window = aggregate(results)

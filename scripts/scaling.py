@@ -30,7 +30,6 @@ Exit status: 0 measured (targets met or not: the table says), 1 a run failed, 2 
 
 import argparse
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -38,19 +37,12 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 TRAIN_PY = os.path.join(ROOT, "train.py")
+sys.path.insert(0, HERE)
 
-
-def load_bench():
-    """scripts/bench.py as a module: its CONFIGS and bench_one are the single-GPU table's."""
-    spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+import bench  # noqa: E402  (scripts/bench.py: the single-GPU table's CONFIGS and bench_one)
 
 # The 8-GPU speed-ups over 1 GPU to reach, per config
 TARGETS = {8: {"s20r4": 7.3, "s10r4": 6.8}}
