@@ -528,6 +528,28 @@ def held_out_largest_budget(points, restarts, seed, chinchilla=False, progress=N
             "max_abs": float(np.abs(err).max()), "rmse": float(np.sqrt(np.mean(err ** 2)))}
 
 
+def baseline_on_looped_law(points, restarts, seed):
+    """Is the plain r = 1 baseline on the looped runs' law? Refit on the looped runs alone
+    (r >= 2: phi then rests on how loss changes with r among them) and measure the error on
+    the r = 1 runs. The joint fit assumes the plain model sits on the same law at r^phi = 1;
+    if it does not, the joint phi absorbs the offset. None where the looped runs span fewer
+    than two r values or six runs, or there is no r = 1 run."""
+    base, looped = np.flatnonzero(points.r == 1), np.flatnonzero(points.r > 1)
+    if len(base) == 0 or len(looped) < 6 or len(np.unique(points.r[looped])) < 2:
+        return None
+    sub = points.subset(looped)
+    fit = fit_law(sub, restarts=restarts, seed=seed)
+    profile = phi_profile(sub, fit)
+    own = sub.L - fit.predict(sub)
+    held = points.subset(base)
+    err = held.L - fit.predict(held)
+    own_rmse = float(np.sqrt(np.mean(own ** 2)))
+    return {"n_looped": int(len(looped)), "n_baseline": int(len(base)), "phi": fit.phi,
+            "phi_profile_ci": profile["ci"], "looped_rmse": own_rmse, "mean": float(err.mean()),
+            "max_abs": float(np.abs(err).max()), "rmse": float(np.sqrt(np.mean(err ** 2))),
+            "off_law": bool(abs(err.mean()) > 2 * own_rmse)}
+
+
 def bootstrap_cells(points):
     """Index arrays of the resampling units: (budget, r) cells, or single runs with no budget."""
     if not points.has_budget:
@@ -1109,6 +1131,8 @@ def print_report(res):
             + (f", phi = {h['phi']:.3f}" if h["phi"] is not None else "")
             + f"; on its {h['n_test']} runs: mean error {h['mean']:+.4f}, max |error| "
             f"{h['max_abs']:.4f}, RMSE {h['rmse']:.4f} nats")
+    if res.get("baseline"):
+        print_baseline(res["baseline"], res["joint"])
     if res["architectures"] or res["arch_notes"]:
         out("\n== Architectures recovered from the runs (params, FLOPs/token vs d_model) ==")
         for a in res["architectures"]:
@@ -1221,6 +1245,18 @@ def print_lack_of_fit(lof):
                 + ([fmt(t["rmse"] / lof["seed_sigma"], ".1f")] if lof["seed_sigma"] else []) for t in rows]))
 
 
+def print_baseline(b, joint):
+    print(f"Held out: the r=1 baseline. Refit on the {b['n_looped']} looped runs (r >= 2): phi = "
+          f"{b['phi']:.3f}, profile CI {ci_text(b['phi_profile_ci'])}, RMSE {b['looped_rmse']:.4f}; "
+          f"on the {b['n_baseline']} r=1 runs: mean error {b['mean']:+.4f}, max |error| "
+          f"{b['max_abs']:.4f}, RMSE {b['rmse']:.4f} nats")
+    if b["off_law"]:
+        side = "better" if b["mean"] < 0 else "worse"
+        print(f"  the plain baseline sits off the looped runs' law ({side} than it predicts, by "
+              f"more than twice the looped runs' own RMSE), and the joint fit's phi = "
+              f"{joint.phi:.3f} absorbs that offset: read phi together with this line")
+
+
 def delta_line(group, reference, d):
     """Delta phi judged against its paired bootstrap, which carries the law's lack of fit."""
     line = f"  delta phi ({group} - {reference}) = {d['delta_phi']:+.3f}"
@@ -1261,7 +1297,7 @@ def write_json(res, path):
         doc["joint"].update(phi_profile_ci=u["profile"]["ci"], phi_identified=u["identified"])
     doc.update(uncertainty=u, sensitivity=res["sensitivity"], lack_of_fit=res["lack_of_fit"],
                bootstrap=u and u["cell_bootstrap"])
-    doc.update(residuals=res["residuals"], held_out=res["held_out"],
+    doc.update(residuals=res["residuals"], held_out=res["held_out"], baseline=res.get("baseline"),
                optima=res["optima"], empirical_optima=res["empirical"], matched_compute=res["matched"],
                equivalence=res["equivalence"], architectures=[
                    {"arch": a.label, "r": a.r, "exact": a.exact, "note": a.note,
@@ -1518,6 +1554,8 @@ def analyse(points, args):
                 sub, restarts=args.restarts, seed=args.seed, progress=step), sub)
     res["held_out"] = held_out_largest_budget(points, args.restarts, args.seed, chin, step)
     progress.update(progress.total)
+    res["baseline"] = (None if chin or args.by else
+                       baseline_on_looped_law(points, args.restarts, args.seed))
 
     res["joint"] = joint
     res["uncertainty"] = None if chin else phi_uncertainty(points, joint, profile, args, res)

@@ -369,6 +369,22 @@ def test_counting_the_embedding_recovers_the_law_generated_that_way():
     assert fl.convention_sensitivity(fl.points_from_rows(rows), restarts=1, seed=0) is None
 
 
+def test_baseline_check_finds_an_offset_r1_and_recovers_phi_from_the_looped_runs():
+    # the paper's law, with every r = 1 run 0.05 nats better than it: the looped-only refit finds
+    # phi = 0.459 and the r = 1 runs -0.05 off it; without the offset the baseline is on the law
+    runs = synthetic_runs(budgets=list(GRID)[:4])
+    for x in runs:
+        x["val_loss"] -= 0.05 * (x["r"] == 1)
+    out = fl.baseline_on_looped_law(to_points(runs), restarts=60, seed=0)
+    assert out["phi"] == pytest.approx(PAPER["phi"], abs=0.01)
+    assert out["mean"] == pytest.approx(-0.05, abs=0.002) and out["off_law"]
+    assert out["n_baseline"] == sum(x["r"] == 1 for x in runs) and out["looped_rmse"] < 1e-3
+    clean = fl.baseline_on_looped_law(to_points(synthetic_runs(budgets=list(GRID)[:4])), 60, 0)
+    assert abs(clean["mean"]) < 2e-3 and not clean["off_law"]
+    one_looped_r = to_points(synthetic_runs(budgets=list(GRID)[:4], rs=(1, 4)))
+    assert fl.baseline_on_looped_law(one_looped_r, restarts=5, seed=0) is None
+
+
 def test_lack_of_fit_by_hand():
     # the exact law plus +0.1 nats on one budget and -0.2 on r = 8 elsewhere
     points = to_points(synthetic_runs(budgets=list(GRID)[:2]))
