@@ -502,8 +502,7 @@ def convention_sensitivity(points, restarts, seed):
     extra = np.array([float(m["n_embedding"]) + float(m["n_lm_head"]) for m in points.meta])
     moved = Points(points.n_once + extra, points.n_rec, points.r, points.D, points.L, points.C,
                    points.meta, points.source)
-    fit = fit_law(moved, restarts=restarts, seed=seed)
-    profile = phi_profile(moved, fit)
+    fit, profile, _ = profiled_fit(moved, fit_law(moved, restarts=restarts, seed=seed))
     identified, _ = identification(fit, {"profile": profile["ci"]})
     return {"counted": "token embedding and LM head in N_once", "phi": fit.phi,
             "phi_profile_ci": profile["ci"], "phi_identified": identified, "r2": fit.r2,
@@ -538,8 +537,7 @@ def baseline_on_looped_law(points, restarts, seed):
     if len(base) == 0 or len(looped) < 6 or len(np.unique(points.r[looped])) < 2:
         return None
     sub = points.subset(looped)
-    fit = fit_law(sub, restarts=restarts, seed=seed)
-    profile = phi_profile(sub, fit)
+    fit, profile, _ = profiled_fit(sub, fit_law(sub, restarts=restarts, seed=seed))
     own = sub.L - fit.predict(sub)
     held = points.subset(base)
     err = held.L - fit.predict(held)
@@ -1468,19 +1466,25 @@ def plot_group_phis(ax, comparison, names):
 # ----------------------------------------------------------------------------------------------
 # The whole analysis
 
+def profiled_fit(points, fit):
+    """(fit, profile, refitted): phi's profile; where it found a lower objective than the free
+    fit's random starts did, the free fit is redone from there and profiled again."""
+    profile = phi_profile(points, fit)
+    if profile["min_huber"] >= fit.huber * (1 - 1e-9):
+        return fit, profile, False
+    best = profile["optima"][int(np.argmin(profile["huber"]))]
+    better = fit_law(points, restarts=0, extra_starts=[best, fit.params])
+    return better, phi_profile(points, better), True
+
+
 def profile_and_refine(points, joint, res):
-    """phi's profile; where it found a lower objective than the free fit's random starts did,
-    the free fit is redone from there (and the report says so)."""
-    profile = phi_profile(points, joint)
-    if profile["min_huber"] < joint.huber * (1 - 1e-9):
-        best = profile["optima"][int(np.argmin(profile["huber"]))]
-        better = fit_law(points, restarts=0, extra_starts=[best, joint.params])
+    """profiled_fit for the joint fit, which the report then replaces (and says so)."""
+    better, profile, refitted = profiled_fit(points, joint)
+    if refitted:
         res["warnings"].append(f"joint: the profile found a lower objective ({better.huber:.4e} < "
                                f"{joint.huber:.4e}) than the random starts; refitted from it")
         res["fits"][0] = ("joint", better)
-        joint = better
-        profile = phi_profile(points, joint)
-    return profile, joint
+    return profile, better
 
 
 def phi_uncertainty(points, joint, profile, args, res):

@@ -385,6 +385,18 @@ def test_baseline_check_finds_an_offset_r1_and_recovers_phi_from_the_looped_runs
     assert fl.baseline_on_looped_law(one_looped_r, restarts=5, seed=0) is None
 
 
+def test_a_free_fit_stuck_on_a_worse_branch_is_redone_from_its_profile():
+    # midi's looped runs on its three lower budgets: 60 random starts end on a branch at
+    # phi ~ -1.6 whose objective is ~40% above the profile's minimum near phi = 0.47
+    points = fl.load_points([os.path.join(REPO, "results", "midi")])
+    sub = points.subset(np.flatnonzero((points.r > 1) & (points.C <= 5.6e15)))
+    stuck = fl.fit_law(sub, restarts=60, seed=0)
+    fit, profile, _ = fl.profiled_fit(sub, stuck)
+    lo, hi = profile["ci"]
+    assert lo <= fit.phi <= hi and fit.huber <= stuck.huber
+    assert fit.huber == pytest.approx(min(profile["huber"]), rel=1e-6)
+
+
 def test_lack_of_fit_by_hand():
     # the exact law plus +0.1 nats on one budget and -0.2 on r = 8 elsewhere
     points = to_points(synthetic_runs(budgets=list(GRID)[:2]))
