@@ -13,7 +13,8 @@ A token's path through the model:
 
 Effective depth is fixed (n_prelude + r*n_recur + n_coda = depth), so looped and plain models of
 the same width cost about the same FLOPs per token but hold fewer unique parameters. r = 1 is the
-plain GPT, laid out as 0-depth-0: no prelude, no coda, no injection, one pass through all blocks.
+plain GPT, laid out as 0-depth-0: no prelude, no coda, no injection, one pass through all blocks;
+with r1_layout="looped" it keeps the looped layout instead, its shared blocks run once.
 
 The law this repo fits needs three numbers per model: N_once (unique non-embedding parameters
 that run once per token), N_rec (those that run r times) and the training FLOPs per token. They
@@ -43,6 +44,7 @@ ATTENTION_BACKENDS = None
 FUSED_KERNELS = True
 
 INJECTIONS = ("linear", "additive", "none", "hyperconnect")
+R1_LAYOUTS = ("plain", "looped")
 
 
 def width_scale(text):
@@ -66,6 +68,8 @@ class GPTConfig:
     n_prelude: int = 2
     n_coda: int = 2
     r: int = 1                   # recurrences of the shared block
+    r1_layout: str = "plain"     # at r = 1: "plain" (0-depth-0, no injection) or "looped" (prelude,
+                                 # injection + shared blocks once, coda); r > 1 is always looped
     injection: str = "linear"    # how the prelude output e enters each recurrence
     lanes: int = 2               # hyperconnect lanes K
     bptt_k: int | None = None    # recurrences that carry gradient (None: all r)
@@ -73,10 +77,15 @@ class GPTConfig:
     d_model_override: int | None = None  # set d_model directly instead of through size
 
     def __post_init__(self):
-        if self.r == 1:
-            # The non-looped baseline is 0-depth-0 with no injection, whatever was asked for.
+        if not self.looped:
+            # The plain baseline is 0-depth-0 with no injection, whatever was asked for.
             self.n_prelude, self.n_coda, self.injection, self.bptt_k = 0, 0, "none", None
         self.validate()
+
+    @property
+    def looped(self) -> bool:
+        """Prelude -> injection + shared blocks, r times -> coda; False: the plain GPT."""
+        return self.r > 1 or self.r1_layout == "looped"
 
     @property
     def d_model(self) -> int:
@@ -114,6 +123,8 @@ class GPTConfig:
             bad(f"head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)")
         if self.injection not in INJECTIONS:
             bad(f"injection={self.injection!r}: choose one of {', '.join(INJECTIONS)}")
+        if self.r1_layout not in R1_LAYOUTS:
+            bad(f"r1_layout={self.r1_layout!r}: choose one of {', '.join(R1_LAYOUTS)}")
         if min(self.n_prelude, self.n_coda) < 0:
             bad("n_prelude and n_coda must be >= 0")
         recurrent_depth = self.depth - self.n_prelude - self.n_coda
@@ -151,7 +162,7 @@ def params_per_block(d: int) -> int:
 
 
 def injection_params(cfg: GPTConfig) -> int:
-    if cfg.r == 1 or cfg.injection in ("additive", "none"):
+    if not cfg.looped or cfg.injection in ("additive", "none"):
         return 0
     if cfg.injection == "linear":
         return 2 * cfg.d_model ** 2
@@ -187,7 +198,7 @@ def flops_per_token(cfg: GPTConfig) -> int:
     g = cfg.grad_recurrences
     f = cfg.r - g
     p_once = (cfg.n_prelude + cfg.n_coda) * nb + d * cfg.padded_vocab
-    if cfg.injection == "hyperconnect" and cfg.r > 1:
+    if cfg.injection == "hyperconnect" and cfg.looped:
         p_inject = (cfg.lanes ** 2 + 2 * cfg.lanes) * d
     else:
         p_inject = injection_params(cfg)
@@ -399,9 +410,9 @@ class GPT(nn.Module):
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.final_norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.padded_vocab, bias=False)
-        if cfg.r > 1 and cfg.injection == "linear":
+        if cfg.looped and cfg.injection == "linear":
             self.inject = nn.Linear(2 * d, d, bias=False)
-        if cfg.r > 1 and cfg.injection == "hyperconnect":
+        if cfg.looped and cfg.injection == "hyperconnect":
             K = cfg.lanes
             self.hc_alpha = nn.Parameter(torch.zeros(cfg.r, K))
             self.hc_mix = nn.Parameter(torch.zeros(cfg.r, K, K))
@@ -483,7 +494,7 @@ class GPT(nn.Module):
         """Run the shared blocks r times; returns the state the coda receives."""
         cfg = self.cfg
         step = lambda u: self.recur_norm(self.run_blocks(self.recur, u, cos, sin, cache))
-        if cfg.r == 1:
+        if not cfg.looped:
             return step(e)
         if cfg.injection == "hyperconnect":
             return self.hyperconnect_recurrence(e, step)

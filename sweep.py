@@ -183,6 +183,8 @@ class Preset:
     jobs: int = 0                         # runs at once on CPU, threads split between them (0: one per core)
     fit_args: tuple = ()                  # extra fit_law.py flags
     share_r1_from: str | None = None      # r=1 runs are not rerun: fit them from this preset's dir
+    fit_note: str | None = None           # set: no fit_law.py at the end, this note instead (runs
+                                          # that answer their question only beside another preset's)
     lr_scale: object = None               # None, or a function of the planned tokens D -> --lr-scale
     gpu_step_model: tuple | None = None   # (GPU seconds per step floor, achieved FLOP/s) of one run
                                           # with runs_per_gpu sharing the GPU, as measured
@@ -246,6 +248,18 @@ PRESETS = {
     # (scripts/design_grid.py --preset midi-trunc --candidates; results/midi-trunc/README.md).
     **case_studies("midi", MIDI_BUDGETS, MIDI_SETTINGS, "data/midi", trunc_extra={}, hc_extra={},
                    r=(4, 8), **MIDI_RECIPE),
+    # midi's plain r = 1 runs sit below the law fitted to its looped runs alone: a recurrence may be
+    # worth little, or the looped layout (prelude, injection, coda) may itself cost loss. The looped
+    # layout run once, on midi's own r = 1 cells, tells which: on the looped runs' law, it is the
+    # layout; below it with the plain runs, it is the recurrence.
+    "midi-r1loop": Preset(
+        "the looped layout 2-8x1-2 with linear injection run once at r = 1, paired with midi's plain "
+        "r = 1 runs at two budgets: is the plain baseline on the looped runs' law? (10 runs)",
+        {c: MIDI_BUDGETS[c] for c in (2.6e15, 5.5e15)}, (1,), dict(MIDI_SETTINGS, r1_layout="looped"),
+        data="data/midi",
+        fit_note="fit_law.py cannot fit phi from r = 1 runs alone: compare these runs and midi's plain "
+                 "r = 1 runs with the law of midi's looped runs (python fit_law.py "
+                 "runs/midi/*_r[248]_*.json) by hand", **MIDI_RECIPE),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e10..2.4e11, r = 1, 4, widths "
         "s = 0.25..0.75 (d 16..48), depth 6 (1-4/r-1), T 128, vocab 1024; minutes on 2 cores",
@@ -260,7 +274,7 @@ PRESETS = {
 GPU_DEFAULT, CPU_DEFAULT = "midi", "demo"
 
 # Columns of a --grid file / fields of a cell that name the cell; other columns are train.py flags.
-CELL_KEYS = ("budget", "size", "r", "injection", "lanes", "bptt_k", "seed", "tag")
+CELL_KEYS = ("budget", "size", "r", "r1_layout", "injection", "lanes", "bptt_k", "seed", "tag")
 MODEL_KEYS = ("depth", "n_prelude", "n_coda", "head_dim", "seq_len")
 
 
@@ -276,6 +290,7 @@ class Run:
     injection: str = "linear"
     lanes: int = 2
     bptt_k: int | None = None
+    r1_layout: str = "plain"             # at r = 1 only: model.GPTConfig.r1_layout
     seed: int = 0
     tag: str = ""
     # filled by plan():
@@ -292,14 +307,23 @@ class Run:
     def train_flops(self):
         return self.flops_per_token * self.tokens
 
+    @property
+    def looped(self):
+        return self.r > 1 or self.r1_layout == "looped"
+
 
 def format_budget(c):
     return f"{c:.3g}".replace("+", "")
 
 
-def make_tag(budget, size, r, injection, lanes, bptt_k, seed):
-    """C4.64e17_s6_r4_linear_seed0; r=1 is plain (its injection is 'none' whatever was asked)."""
-    inj = "none" if r == 1 else injection + (f"K{lanes}" if injection == "hyperconnect" else "")
+def make_tag(budget, size, r, injection, lanes, bptt_k, seed, r1_layout="plain"):
+    """C4.64e17_s6_r4_linear_seed0; a plain r=1 run is C..._r1_none_seed0 (its injection is 'none'
+    whatever was asked), the looped layout at r=1 C..._r1_linear_loop_seed0."""
+    if r == 1 and r1_layout == "plain":
+        inj = "none"
+    else:
+        inj = injection + (f"K{lanes}" if injection == "hyperconnect" else "")
+        inj += "_loop" if r == 1 else ""
     k = f"_k{bptt_k}" if r > 1 and bptt_k not in (None, r) else ""
     return f"C{format_budget(budget)}_s{size}_r{r}_{inj}{k}_seed{seed}"
 
@@ -374,16 +398,17 @@ def cells_to_runs(cells, preset):
         settings.update({k: v for k, v in cell.items() if k not in CELL_KEYS})
         injection = settings.pop("injection", "linear")
         lanes = settings.pop("lanes", 2)
+        r1_layout = settings.pop("r1_layout", "plain")
         try:
             run = Run(budget=float(cell["budget"]), size=width_scale(cell["size"]), r=int(cell["r"]),
                       settings=settings, injection=cell.get("injection", injection),
                       lanes=int(cell.get("lanes", lanes)), seed=int(cell.get("seed", 0)),
                       bptt_k=None if cell.get("bptt_k") is None else int(cell["bptt_k"]),
-                      lr_rule=preset.lr_scale)
+                      r1_layout=cell.get("r1_layout", r1_layout), lr_rule=preset.lr_scale)
         except (TypeError, ValueError) as err:
             raise SweepError(f"bad cell {cell}: {err}") from None
         run.tag = str(cell.get("tag") or make_tag(run.budget, run.size, run.r, run.injection,
-                                                  run.lanes, run.bptt_k, run.seed))
+                                                  run.lanes, run.bptt_k, run.seed, run.r1_layout))
         runs.append(run)
     seen = {}
     for run in runs:
@@ -412,8 +437,8 @@ def plan(runs, vocab_size):
         s = run.settings
         model_args = {k: s[k] for k in MODEL_KEYS if k in s}
         try:
-            cfg = GPTConfig(vocab_size=vocab_size, size=run.size, r=run.r, injection=run.injection,
-                            lanes=run.lanes, bptt_k=run.bptt_k, **model_args)
+            cfg = GPTConfig(vocab_size=vocab_size, size=run.size, r=run.r, r1_layout=run.r1_layout,
+                            injection=run.injection, lanes=run.lanes, bptt_k=run.bptt_k, **model_args)
         except (ValueError, TypeError) as err:
             raise SweepError(f"run {run.tag}: {err}") from None
         counts = count_params(cfg)
@@ -549,6 +574,8 @@ def train_command(run, opts):
         cmd += ["--lanes", str(run.lanes)]
     if run.bptt_k is not None and run.r > 1:
         cmd += ["--bptt-k", str(run.bptt_k)]
+    if run.r == 1 and run.r1_layout != "plain":
+        cmd += ["--r1-layout", run.r1_layout]
     cmd += settings_flags(run.settings)
     save_every = run.steps // opts.preset.checkpoints if opts.preset.checkpoints else 0
     cmd += ["--data", opts.data, "--out", opts.out, "--tag", run.tag,
@@ -817,6 +844,10 @@ def write_slurm(runs, opts):
     script = os.path.join(folder, "sweep.sbatch")
     with open(script, "w") as f:
         f.write("\n".join(lines))
+    return script, None if opts.preset.fit_note else write_fit_job(folder, opts)
+
+
+def write_fit_job(folder, opts):
     fit = os.path.join(folder, "fit.sbatch")
     with open(fit, "w") as f:
         f.write("\n".join([
@@ -831,19 +862,22 @@ def write_slurm(runs, opts):
             shlex.join(fit_command(opts)),
             "",
         ]))
-    return script, fit
+    return fit
 
 
 def submit_slurm(script, fit_script):
+    """Submits the array, then the fit job (if any) to run after it."""
     if not shutil.which("sbatch"):
-        print(f"[sweep] sbatch not found here: submit with  sbatch {script}  and, when it is done,"
-              f"  sbatch {fit_script}")
+        then = f"  and, when it is done,  sbatch {fit_script}" if fit_script else ""
+        print(f"[sweep] sbatch not found here: submit with  sbatch {script}{then}")
         return 0
     res = subprocess.run(["sbatch", "--parsable", script], capture_output=True, text=True)
     if res.returncode:
         raise SweepError(f"sbatch failed: {res.stderr.strip() or res.stdout.strip()}")
     job = res.stdout.strip().split(";")[0]
     print(f"[sweep] submitted job array {job} ({script})")
+    if not fit_script:
+        return 0
     res = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job}", fit_script],
                          capture_output=True, text=True)
     print(f"[sweep] fit job {res.stdout.strip() or 'not submitted: ' + res.stderr.strip()} "
@@ -864,6 +898,9 @@ def fit_command(opts):
 
 
 def run_fit(opts):
+    if opts.preset.fit_note:
+        print(f"[sweep] no fit: {opts.preset.fit_note}", flush=True)
+        return 0
     if not os.path.exists(FIT_LAW_PY):
         print("[sweep] fit_law.py is missing: no fit", flush=True)
         return 1
@@ -924,7 +961,7 @@ def print_plan(runs, rate, rate_how, opts):
           f"{'N_rec':>7} {'F/tok':>7} {'steps':>6} {'tokens':>7} {'status':<9} tag")
     for run in runs:
         k = run.bptt_k if run.bptt_k is not None and run.r > 1 else "-"
-        inj = "none" if run.r == 1 else run.injection
+        inj = run.injection if run.looped else "none"
         print(f"{format_budget(run.budget):>8} {run.size:>3} {run.d_model:>5} {run.r:>2} {k:>2} {inj:<13} "
               f"{run.seed:>4} {human(run.n_once):>7} {human(run.n_rec):>7} {human(run.flops_per_token):>7} "
               f"{run.steps:>6} {human(run.tokens):>7} {run.status:<9} {run.tag}")
@@ -1143,7 +1180,8 @@ def main(argv=None):
                 print(f"[sweep] all {len(runs)} runs in {opts.out} are ok: nothing to submit")
                 return 0
             script, fit_script = write_slurm(pending, opts)
-            print(f"[sweep] wrote {script} ({len(pending)} array tasks) and {fit_script}")
+            fit_what = f"and {fit_script}" if fit_script else f"(no fit job: {opts.preset.fit_note})"
+            print(f"[sweep] wrote {script} ({len(pending)} array tasks) {fit_what}")
             return submit_slurm(script, fit_script)
         print(f"[sweep] preset {opts.preset_name}{why_preset(opts)}: {opts.preset.about}", flush=True)
         print(f"[sweep] plan: {cost_line(runs, rate, rate_how, opts)[len('total: '):]}", flush=True)

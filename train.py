@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
-from model import GPT, GPTConfig, INJECTIONS, count_params, flops_per_token, width_scale
+from model import GPT, GPTConfig, INJECTIONS, R1_LAYOUTS, count_params, flops_per_token, width_scale
 
 BASE_BATCH = 2 ** 18
 # D_ref = 10 x (N_once + r*N_rec) of the s=10 reference models of SPEC.md section 3.
@@ -111,8 +111,11 @@ def build_parser():
                    help="width scale s: d_model = 64*s rounded up to head_dim (fractions too: 0.5 with "
                         "--head-dim 32 is d_model 32)")
     m.add_argument("--r", "--recurrences", dest="r", type=int, default=1,
-                   help="recurrences of the shared block (1 = plain GPT); under torchrun put train.py's "
+                   help="recurrences of the shared block (1 = plain GPT, see --r1-layout); under torchrun put train.py's "
                         "flags after -- (torchrun's own parser rejects --r as ambiguous)")
+    m.add_argument("--r1-layout", default="plain", choices=R1_LAYOUTS,
+                   help="at --r 1: plain (0-depth-0, no injection) or looped (prelude, the injection and "
+                        "the shared blocks once, coda: the looped models' layout at r = 1); no effect at r > 1")
     m.add_argument("--depth", type=int, default=20, help="effective depth n_prelude + r*n_recur + n_coda")
     m.add_argument("--n-prelude", type=int, default=2, help="layers before the shared block")
     m.add_argument("--n-coda", type=int, default=2, help="layers after it")
@@ -266,8 +269,8 @@ def model_config(args, vocab_size):
     try:
         return GPTConfig(vocab_size=vocab_size, seq_len=args.seq_len, size=args.size,
                          head_dim=args.head_dim, depth=args.depth, n_prelude=args.n_prelude,
-                         n_coda=args.n_coda, r=args.r, injection=args.injection,
-                         lanes=args.lanes, bptt_k=args.bptt_k)
+                         n_coda=args.n_coda, r=args.r, r1_layout=args.r1_layout,
+                         injection=args.injection, lanes=args.lanes, bptt_k=args.bptt_k)
     except ValueError as err:
         raise RunError(str(err)) from None
 
@@ -299,7 +302,7 @@ def plan_horizon(args, flops_tok):
 def learning_rates(cfg, batch_tokens, planned_tokens, overrides=None):
     """HyperP transfer: MuonH lr scales with batch and horizon; AdamW lrs with width (and batch)."""
     batch_factor = (batch_tokens / BASE_BATCH) ** 0.558
-    d_ref = D_REF_PLAIN if cfg.r == 1 else D_REF_LOOPED
+    d_ref = D_REF_LOOPED if cfg.looped else D_REF_PLAIN
     width_factor = (cfg.d_model / 640) ** -0.5
     lrs = dict(matrix=0.014 * batch_factor * (planned_tokens / d_ref) ** -0.32,
                embedding=0.3 * width_factor * batch_factor,
@@ -504,6 +507,7 @@ def default_tag(args, cfg, data_name):
                f"D{args.tokens:.3g}" if args.tokens is not None else f"S{args.steps}")
     loop = f"{cfg.n_prelude}-{cfg.n_recur}x{cfg.r}-{cfg.n_coda}"
     inj = cfg.injection + (f"K{cfg.lanes}" if cfg.injection == "hyperconnect" else "")
+    inj += "_loop" if cfg.r == 1 and cfg.looped else ""      # never the plain r = 1 run's tag
     k = f"_k{cfg.bptt_k}" if cfg.bptt_k not in (None, cfg.r) else ""
     data_seed = "" if args.data_seed in (None, args.seed) else f"_ds{args.data_seed}"
     lr = "" if args.lr_scale == 1 else f"_lr{args.lr_scale:g}"
@@ -959,7 +963,7 @@ def bench(run, args, cfg, model, fwd_model, optimizers, autocast, device_batch, 
     tok_s = B / step_time
     mfu = tok_s * record["flops_per_token"] / (peak * run.world) if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    result = dict(device=record["device"], size=cfg.size, r=cfg.r, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
+    result = dict(device=record["device"], size=cfg.size, r=cfg.r, r1_layout=cfg.r1_layout, injection=cfg.injection, bptt_k=cfg.bptt_k, d_model=cfg.d_model,
                   device_batch=device_batch, grad_accum=n_micro, world_size=run.world,
                   step_seconds=step_time, tokens_per_second=tok_s, mfu=mfu, peak_memory_gib=mem,
                   loss=loss.item() * n_micro, flops_per_token=record["flops_per_token"],

@@ -42,10 +42,10 @@ def test_unique_params_match_paper_table6(size):
         assert abs((c["n_once"] + c["n_rec"]) / 1e6 - expected) <= 0.1, (size, r)
 
 
-def closed_form(d, r, injection, lanes=2, depth=20, pre=2, coda=2):
-    """SPEC.md section 2 written out independently of model.py."""
+def closed_form(d, r, injection, lanes=2, depth=20, pre=2, coda=2, looped=False):
+    """SPEC.md section 2 written out independently of model.py; looped: r = 1 in the looped layout."""
     nb = 12 * d * d + 2 * d
-    if r == 1:
+    if r == 1 and not looped:
         return 3 * d, depth * nb
     inject = {"linear": 2 * d * d, "additive": 0, "none": 0,
               "hyperconnect": r * (lanes ** 2 + 2 * lanes)}[injection]
@@ -65,6 +65,38 @@ def test_counts_match_closed_form_and_real_tensors(injection, r):
     assert real["n_total"] == sum(p.numel() for p in model.parameters())
     assert real["n_embedding"] == model.embedding.weight.numel() == 128 * cfg.d_model  # 97 -> 128
     assert real["n_effective"] == n_once + r * n_rec
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_looped_layout_at_r1_counts_like_a_looped_model(injection):
+    cfg = tiny(r=1, r1_layout="looped", injection=injection, lanes=3)
+    assert (cfg.n_prelude, cfg.n_recur, cfg.n_coda, cfg.injection) == (1, 8, 1, injection)
+    n_once, n_rec = closed_form(cfg.d_model, 1, injection, lanes=3, depth=10, pre=1, coda=1, looped=True)
+    counted = count_params(cfg)
+    assert (counted["n_once"], counted["n_rec"]) == (n_once, n_rec)
+    assert GPT(cfg).param_counts() == counted
+    d, T, nb = cfg.d_model, cfg.seq_len, 12 * cfg.d_model ** 2 + 2 * cfg.d_model
+    inject = {"linear": 2 * d * d, "additive": 0, "none": 0, "hyperconnect": (3 ** 2 + 2 * 3) * d}[injection]
+    assert flops_per_token(cfg) == 6 * (2 * nb + d * 128) + 6 * (8 * nb + inject) + d * T * 12 * (2 + 8)
+
+
+def test_looped_layout_at_r1_on_midis_shape_by_hand():
+    """Depth 12 = 2 + 8x1 + 2 with the linear injection, d = 128, vocab 2048, T 512."""
+    d, V, T = 128, 2048, 512
+    nb = 12 * d * d + 2 * d
+    shape = dict(size=2, head_dim=64, depth=12, vocab_size=V, seq_len=T)
+    cfg = GPTConfig(r=1, r1_layout="looped", **shape)
+    counted = count_params(cfg)
+    assert (counted["n_once"], counted["n_rec"]) == (4 * nb + 3 * d, 8 * nb + 2 * d * d)
+    model = GPT(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 4 * nb + 3 * d + 8 * nb + 2 * d * d + 2 * V * d
+    f, g = 0, 1          # no recurrence without gradient, one with
+    assert flops_per_token(cfg) == (6 * (4 * nb + d * V) + (2 * f + 6 * g) * (8 * nb + 2 * d * d)
+                                    + d * T * (12 * 4 + (4 * f + 12 * g) * 8))
+    plain = GPTConfig(r=1, **shape)            # the default layout is unchanged
+    assert plain.r1_layout == "plain" and (plain.n_prelude, plain.n_coda, plain.injection) == (0, 0, "none")
+    assert (count_params(plain)["n_once"], count_params(plain)["n_rec"]) == (3 * d, 12 * nb)
+    assert flops_per_token(plain) == 6 * (12 * nb + d * V) + d * T * 12 * 12
 
 
 def test_width_rounds_up_to_head_dim():
@@ -123,16 +155,17 @@ def matmul_flops_per_token(cfg):
     """The formula restricted to matrices (norm gains do no matmul): what FlopCounterMode sees."""
     d, g, f = cfg.d_model, cfg.grad_recurrences, cfg.r - cfg.grad_recurrences
     mats = 12 * d * d
-    inject = 2 * d * d if (cfg.r > 1 and cfg.injection == "linear") else 0
+    inject = 2 * d * d if cfg.injection == "linear" else 0         # a plain model's is "none"
     once = 6 * ((cfg.n_prelude + cfg.n_coda) * mats + d * cfg.padded_vocab)
     rec = (2 * f + 6 * g) * (cfg.n_recur * mats + inject)
     attn = d * cfg.seq_len * (12 * (cfg.n_prelude + cfg.n_coda) + (4 * f + 12 * g) * cfg.n_recur)
     return once + rec + attn
 
 
-@pytest.mark.parametrize("r,bptt_k", [(1, None), (4, None), (4, 2)])
-def test_matmul_flops_agree_with_torch_flop_counter(r, bptt_k):
-    cfg = tiny(r=r, bptt_k=bptt_k)
+@pytest.mark.parametrize("r,bptt_k,r1_layout", [(1, None, "plain"), (1, None, "looped"), (4, None, "plain"),
+                                                (4, 2, "plain")])
+def test_matmul_flops_agree_with_torch_flop_counter(r, bptt_k, r1_layout):
+    cfg = tiny(r=r, bptt_k=bptt_k, r1_layout=r1_layout)
     model = GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
     # The math backend runs attention as plain bmm's, which the counter sees on CPU.
@@ -347,6 +380,21 @@ def test_truncated_backprop_matches_hand_computation(k):
         assert not torch.allclose(fullg["recur.0.mlp.up.weight"], got["recur.0.mlp.up.weight"])
 
 
+def test_looped_layout_at_r1_runs_the_injection_once():
+    """Forward and gradients of the looped layout at r = 1 against the hand computation above
+    (inject([e | e]), the shared blocks, the end-of-recurrence norm, the coda), off the identity init."""
+    torch.manual_seed(4)
+    model = GPT(tiny(r=1, r1_layout="looped"))
+    with torch.no_grad():
+        model.inject.weight.add_(0.1 * torch.randn_like(model.inject.weight))
+    idx = torch.randint(0, 97, (2, 16))
+    expected = grads_by_hand(model, idx, k=1)
+    got = model_grads(model, idx)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert (expected["inject.weight"][:, model.cfg.d_model:] != 0).any()     # W_h h is in the graph
+
+
 # ---- generation ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("injection", ["linear", "hyperconnect"])
@@ -416,6 +464,8 @@ def test_chunked_fused_cross_entropy_equals_plain_softcapped_ce(cap):
     (dict(d_model_override=200, head_dim=64), "does not divide d_model"),
     (dict(head_dim=33), "even"),
     (dict(injection="gated"), "choose one of"),
+    (dict(r=1, r1_layout="loop"), "choose one of plain, looped"),
+    (dict(r=1, r1_layout="looped", n_prelude=5, n_coda=5), "leaves 0 layer applications"),
     (dict(bptt_k=5), "between 1 and r"),
     (dict(r=0), "at least 1"),
     (dict(n_prelude=5, n_coda=5), "leaves 0 layer applications"),

@@ -120,6 +120,33 @@ def test_plan_matches_train_py_dry_run():
             plan["bptt_k"]) == (run.steps, run.tokens, run.n_once, run.n_rec, run.flops_per_token, 2)
 
 
+def test_midi_r1loop_pairs_the_looped_layout_with_midis_plain_r1_runs(tmp_path, capsys):
+    rows, _ = dry_run("midi-r1loop", tmp_path)
+    midi_r1 = [row for row in dry_run("midi", tmp_path)[0] if row["r"] == "1"]
+    assert len(rows) == 10 and {(row["r"], row["inj"]) for row in rows} == {("1", "linear")}
+    cells = lambda rs: {(row["budget"], row["s"], row["d"]) for row in rs}
+    assert cells(rows) < cells(midi_r1) and {row["budget"] for row in rows} == {"2.6e15", "5.5e15"}
+    assert not {row["tag"] for row in rows} & {row["tag"] for row in midi_r1}
+    assert all(row["tag"].endswith("_r1_linear_loop_seed0") for row in rows)
+    opts = sweep.parse_args(["--preset", "midi-r1loop", "--gpus", "1", "--out", str(tmp_path / "out")])
+    runs = sweep.plan(sweep.cells_to_runs(sweep.preset_cells(opts.preset, [0]), opts.preset), 2048)
+    for run in runs:
+        d = run.d_model
+        nb = 12 * d * d + 2 * d
+        assert (run.n_once, run.n_rec) == (4 * nb + 3 * d, 8 * nb + 2 * d * d)    # N_rec holds the injection
+    cmd = sweep.train_command(runs[0], opts)
+    assert cmd[cmd.index("--r1-layout") + 1] == "looped"
+    plan = json.loads(run_main(train.main, *cmd[2:cmd.index("--data")], "--vocab-size", "2048",
+                               "--dry-run").stdout)
+    assert (plan["steps"], plan["n_once"], plan["n_rec"], plan["flops_per_token"], plan["r1_layout"]) == \
+        (runs[0].steps, runs[0].n_once, runs[0].n_rec, runs[0].flops_per_token, "looped")
+    # no automatic fit (fit_law.py cannot fit phi from r = 1 runs alone): a note, and no fit job
+    assert sweep.run_fit(opts) == 0 and "no fit: " in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "out" / "fit.txt")
+    script, fit_script = sweep.write_slurm(runs, opts)
+    assert fit_script is None and not os.path.exists(tmp_path / "out" / "slurm" / "fit.sbatch")
+
+
 def test_mini_and_demo_designs(tmp_path):
     mini, _ = dry_run("mini", tmp_path)
     budgets = sorted({float(row["budget"]) for row in mini})

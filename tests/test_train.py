@@ -137,6 +137,9 @@ def test_hyperp_learning_rates():
     assert wide["embedding"] == pytest.approx(0.3 / math.sqrt(2))
     assert wide["hyperconnect"] == pytest.approx(0.01 / math.sqrt(2))
     assert train.learning_rates(s10, 2 ** 18, 1e9, dict(matrix=0.02))["matrix"] == 0.02
+    # the looped layout at r = 1 is of the looped family: the looped D_ref
+    r1_looped = GPTConfig(size=10, r=1, r1_layout="looped")
+    assert train.learning_rates(r1_looped, 2 ** 18, 1_016_083_200)["matrix"] == pytest.approx(0.014)
 
 
 def test_linear_decay_schedule():
@@ -292,6 +295,20 @@ def test_tiny_run_learns_and_writes_every_field(tiny_data, tmp_path):
     assert steps_logged == sorted(set(steps_logged))      # one entry per step
     assert set(rec["lr"]) == {"matrix", "embedding", "lm_head", "norm", "hyperconnect"}
     assert rec["cuda_graphs"] is False and rec["mps"] is False      # how it ran: plain, on a CPU
+
+
+@pytest.mark.slow
+def test_looped_layout_at_r1_runs_and_records_its_layout(tiny_data, tmp_path):
+    flags = [*TINY, "--r", "1", "--r1-layout", "looped", "--depth", "6", "--n-prelude", "2", "--n-coda", "2",
+             "--data", tiny_data, "--steps", "3", "--samples", "0", "--out", str(tmp_path)]
+    run_train(*flags, env=single_thread_env())
+    [name] = [n for n in os.listdir(tmp_path) if n.endswith(".json")]
+    assert name.startswith("s1_2-2x1-2_linear_loop_")          # never the plain r = 1 run's tag
+    rec = read_run(str(tmp_path), name[:-5])
+    assert rec["status"] == "ok" and rec["r1_layout"] == "looped"
+    assert (rec["r"], rec["n_prelude"], rec["n_recur"], rec["n_coda"], rec["injection"]) == (1, 2, 2, 2, "linear")
+    d = rec["d_model"]
+    assert rec["n_rec"] == 2 * (12 * d * d + 2 * d) + 2 * d * d          # the injection counts in N_rec
 
 
 @pytest.mark.slow
