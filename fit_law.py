@@ -1250,7 +1250,7 @@ def print_baseline(b, joint):
           f"{b['max_abs']:.4f}, RMSE {b['rmse']:.4f} nats")
     if b["off_law"]:
         side = "better" if b["mean"] < 0 else "worse"
-        print(f"  the plain baseline sits off the looped runs' law ({side} than it predicts, by "
+        print(f"  the r=1 runs sit off the looped runs' law ({side} than it predicts, by "
               f"more than twice the looped runs' own RMSE), and the joint fit's phi = "
               f"{joint.phi:.3f} absorbs that offset: read phi together with this line")
 
