@@ -942,7 +942,8 @@ def compute_optimal(fit, arch, budget):
             "N": float(n_once + n_rec),
             "N_eff": float(n_once + n_rec if fit.chinchilla else n_once + arch.r ** fit.phi * n_rec),
             "D": float(budget / flops), "L": float(res.fun), "flops_per_token": float(flops),
-            "at_edge": k in (0, len(grid) - 1)}
+            "at_edge": k in (0, len(grid) - 1),
+            "extrapolated": not min(arch.widths) <= d <= max(arch.widths)}
 
 
 def empirical_optima(points, by=None):
@@ -1021,6 +1022,8 @@ def split_groups(points, key):
     values = {}
     for i in np.flatnonzero(points.r > 1):
         values.setdefault(str(points.meta[i].get(key)), []).append(i)
+    if list(values) == ["None"]:
+        raise InputError(f"--by {key}: no looped run has a field {key!r}")
     if len(values) < 2:
         raise InputError(f"--by {key}: the looped runs have {len(values)} value(s) of {key}; need 2")
     return {v: np.concatenate([base, np.array(idx)]) for v, idx in sorted(values.items())}
@@ -1141,11 +1144,13 @@ def print_report(res):
         out("\n== Compute-optimal allocation under the fitted law"
             + (f" of each {by} group ==" if by else " ==") )
         out(table(["budget", "r", "d_model", "s", "N", "N_eff", "D", "D/N", "L"],
-                  [[o["budget"], with_group(o["r"], o["group"]), fmt(o["d_model"], ".0f") + ("*" if o["at_edge"] else ""),
+                  [[o["budget"], with_group(o["r"], o["group"]), fmt(o["d_model"], ".0f") + ("*" if o["at_edge"] else "+" if o["extrapolated"] else ""),
                     fmt(o["s"], ".1f"), o["N"], o["N_eff"], o["D"], fmt(o["D"] / o["N"], ".1f"),
                     fmt(o["L"], ".4f")] for o in res["optima"]]))
         if any(o["at_edge"] for o in res["optima"]):
             out("  * optimum at the edge of the search range: the law has no interior minimum")
+        if any(o["extrapolated"] and not o["at_edge"] for o in res["optima"]):
+            out("  + outside the widths the runs sampled: the law extrapolated")
     if res["empirical"]:
         out("\n== Empirical optima (parabola of L vs log N per (budget, r) cell) ==")
         out(table(["budget", "r", "runs", "N*", "D*", "L*", "note"],
@@ -1538,6 +1543,8 @@ def analyse(points, args):
         res["warnings"].extend(fit_warnings(fit, pts, name))
         return fit
 
+    if args.by:
+        split_groups(points, args.by)  # a bad --by fails now, not after the joint fit
     joint = record("joint", fit_law(points, restarts=args.restarts, seed=args.seed,
                                     chinchilla=chin, progress=step), points)
     profile = None

@@ -220,6 +220,8 @@ def test_compute_optimal_width_matches_brute_force():
     loss = law(n_once, n_rec, 4, 1e19 / flops, **PAPER)
     assert opt["d_model"] == pytest.approx(d[np.argmin(loss)], abs=1.5)
     assert opt["L"] == pytest.approx(loss.min(), abs=1e-6)
+    # the grid's r = 4 widths are d_model 384..2176: 1e19's optimum is inside, 1e22's far above
+    assert not opt["extrapolated"] and fl.compute_optimal(fit, arch, 1e22)["extrapolated"]
 
 
 def test_headline_equivalence_example():
@@ -395,6 +397,14 @@ def test_a_free_fit_stuck_on_a_worse_branch_is_redone_from_its_profile():
     lo, hi = profile["ci"]
     assert lo <= fit.phi <= hi and fit.huber <= stuck.huber
     assert fit.huber == pytest.approx(min(profile["huber"]), rel=1e-6)
+
+
+def test_a_by_key_no_run_has_fails_at_once_in_one_line():
+    # 500 restarts per fit would take a minute: the error must come before any fit
+    out = run_cli(os.path.join(REPO, "results", "midi"), "--by", "nosuchkey", "--restarts", "500",
+                  timeout=20)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().endswith("--by nosuchkey: no looped run has a field 'nosuchkey'")
 
 
 def test_lack_of_fit_by_hand():
