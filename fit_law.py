@@ -542,10 +542,28 @@ def baseline_on_looped_law(points, restarts, seed):
     held = points.subset(base)
     err = held.L - fit.predict(held)
     own_rmse = float(np.sqrt(np.mean(own ** 2)))
-    return {"n_looped": int(len(looped)), "n_baseline": int(len(base)), "phi": fit.phi,
-            "phi_profile_ci": profile["ci"], "looped_rmse": own_rmse, "mean": float(err.mean()),
-            "max_abs": float(np.abs(err).max()), "rmse": float(np.sqrt(np.mean(err ** 2))),
-            "off_law": bool(abs(err.mean()) > 2 * own_rmse)}
+    out = {"n_looped": int(len(looped)), "n_baseline": int(len(base)), "phi": fit.phi,
+           "phi_profile_ci": profile["ci"], "looped_rmse": own_rmse, **error_summary(err),
+           "off_law": bool(abs(err.mean()) > 2 * own_rmse), "layouts": None, "paired": None}
+    layouts = np.array([m.get("r1_layout", "plain") for m in held.meta])
+    if len(set(layouts)) > 1:
+        out["layouts"] = {v: error_summary(err[layouts == v]) for v in sorted(set(layouts))}
+        out["paired"] = paired_layouts(held, layouts)
+    return out
+
+
+def error_summary(err):
+    return {"n": int(len(err)), "mean": float(err.mean()), "max_abs": float(np.abs(err).max()),
+            "rmse": float(np.sqrt(np.mean(err ** 2)))}
+
+
+def paired_layouts(held, layouts):
+    """Mean loss of the looped layout at r = 1 minus the plain one, over runs of both at the same
+    budget and width (train.py --r1-layout): the layout's own cost, with no law in between."""
+    key = lambda i: (budget_key(held.C[i]), held.meta[i].get("d_model"))
+    plain = {key(i): held.L[i] for i in np.flatnonzero(layouts == "plain")}
+    diffs = [held.L[i] - plain[key(i)] for i in np.flatnonzero(layouts == "looped") if key(i) in plain]
+    return {"pairs": len(diffs), "mean": float(np.mean(diffs))} if diffs else None
 
 
 def bootstrap_cells(points):
@@ -1253,6 +1271,12 @@ def print_baseline(b, joint):
           f"{b['phi']:.3f}, profile CI {ci_text(b['phi_profile_ci'])}, RMSE {b['looped_rmse']:.4f}; "
           f"on the {b['n_baseline']} r=1 runs: mean error {b['mean']:+.4f}, max |error| "
           f"{b['max_abs']:.4f}, RMSE {b['rmse']:.4f} nats")
+    for layout, e in (b.get("layouts") or {}).items():
+        print(f"  {layout} layout at r=1 ({e['n']} runs): mean error {e['mean']:+.4f}, max |error| "
+              f"{e['max_abs']:.4f}, RMSE {e['rmse']:.4f} nats")
+    if b.get("paired"):
+        print(f"  looped minus plain layout at r=1, same budget and width ({b['paired']['pairs']} "
+              f"pairs): {b['paired']['mean']:+.4f} nats")
     if b["off_law"]:
         side = "better" if b["mean"] < 0 else "worse"
         print(f"  the r=1 runs sit off the looped runs' law ({side} than it predicts, by "

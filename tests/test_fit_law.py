@@ -383,6 +383,16 @@ def test_baseline_check_finds_an_offset_r1_and_recovers_phi_from_the_looped_runs
     assert out["n_baseline"] == sum(x["r"] == 1 for x in runs) and out["looped_rmse"] < 1e-3
     clean = fl.baseline_on_looped_law(to_points(synthetic_runs(budgets=list(GRID)[:4])), 60, 0)
     assert abs(clean["mean"]) < 2e-3 and not clean["off_law"]
+    # add the looped layout at r = 1 on two budgets, 0.03 worse than the plain runs: it is
+    # -0.02 off the looped law, and its pairs with the plain runs differ by +0.03
+    twins = [dict(x, r1_layout="looped", val_loss=x["val_loss"] + 0.03) for x in runs
+             if x["r"] == 1 and x["target_flops"] in list(GRID)[:2]]
+    both = fl.baseline_on_looped_law(to_points(runs + twins), restarts=60, seed=0)
+    assert both["layouts"]["looped"]["n"] == len(twins) == 9
+    assert both["layouts"]["looped"]["mean"] == pytest.approx(-0.02, abs=0.002)
+    assert both["layouts"]["plain"]["mean"] == pytest.approx(-0.05, abs=0.002)
+    assert both["paired"] == {"pairs": 9, "mean": pytest.approx(0.03, abs=1e-9)}
+    assert out["layouts"] is None and out["paired"] is None
     one_looped_r = to_points(synthetic_runs(budgets=list(GRID)[:4], rs=(1, 4)))
     assert fl.baseline_on_looped_law(one_looped_r, restarts=5, seed=0) is None
 
