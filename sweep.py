@@ -257,10 +257,10 @@ PRESETS = {
         "r = 1 runs at two budgets: is the plain baseline on the looped runs' law? (10 runs)",
         {c: MIDI_BUDGETS[c] for c in (2.6e15, 5.5e15)}, (1,), dict(MIDI_SETTINGS, r1_layout="looped"),
         data="data/midi",
-        fit_note="fit_law.py cannot fit phi from r = 1 runs alone. Its r=1 baseline check gives "
-                 "these runs' offset from the law of midi's looped runs (python fit_law.py "
-                 "runs/midi/*_r[248]_*.json runs/midi-r1loop) and the plain runs' offset (python "
-                 "fit_law.py runs/midi)", **MIDI_RECIPE),
+        fit_note="fit_law.py cannot fit phi from r = 1 runs alone. Read the r=1 baseline check of "
+                 "python fit_law.py runs/midi runs/midi-r1loop: each layout's offset from the law of "
+                 "midi's looped runs, and the looped minus plain loss at the same budget and width",
+        **MIDI_RECIPE),
     "demo": Preset(
         "CPU demo on the embedded stdlib corpus: 3 budgets 6e10..2.4e11, r = 1, 4, widths "
         "s = 0.25..0.75 (d 16..48), depth 6 (1-4/r-1), T 128, vocab 1024; minutes on 2 cores",
