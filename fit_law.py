@@ -471,14 +471,15 @@ def fit_warnings(fit, points, name):
     return out
 
 
+def error_summary(err):
+    """n, mean, max |.| and RMSE of some residuals or prediction errors (nats)."""
+    return {"n": int(len(err)), "mean": float(err.mean()), "max_abs": float(np.abs(err).max()),
+            "rmse": float(np.sqrt(np.mean(err ** 2)))}
+
+
 def residual_rows(resid, labels, name):
     """One row per value of labels: n, mean, max |.| and RMSE of the residuals there."""
-    rows = []
-    for value in np.unique(labels):
-        e = resid[labels == value]
-        rows.append({name: float(value), "n": int(e.size), "mean": float(e.mean()),
-                     "max_abs": float(np.abs(e).max()), "rmse": float(np.sqrt(np.mean(e ** 2)))})
-    return rows
+    return [{name: float(value), **error_summary(resid[labels == value])} for value in np.unique(labels)]
 
 
 def lack_of_fit(fit, points, sigma=None):
@@ -538,10 +539,9 @@ def baseline_on_looped_law(points, restarts, seed):
         return None
     sub = points.subset(looped)
     fit, profile, _ = profiled_fit(sub, fit_law(sub, restarts=restarts, seed=seed))
-    own = sub.L - fit.predict(sub)
+    own_rmse = error_summary(sub.L - fit.predict(sub))["rmse"]
     held = points.subset(base)
     err = held.L - fit.predict(held)
-    own_rmse = float(np.sqrt(np.mean(own ** 2)))
     out = {"n_looped": int(len(looped)), "n_baseline": int(len(base)), "phi": fit.phi,
            "phi_profile_ci": profile["ci"], "looped_rmse": own_rmse, **error_summary(err),
            "off_law": bool(abs(err.mean()) > 2 * own_rmse), "layouts": None, "paired": None}
@@ -550,11 +550,6 @@ def baseline_on_looped_law(points, restarts, seed):
         out["layouts"] = {v: error_summary(err[layouts == v]) for v in sorted(set(layouts))}
         out["paired"] = paired_layouts(held, layouts)
     return out
-
-
-def error_summary(err):
-    return {"n": int(len(err)), "mean": float(err.mean()), "max_abs": float(np.abs(err).max()),
-            "rmse": float(np.sqrt(np.mean(err ** 2)))}
 
 
 def paired_layouts(held, layouts):
