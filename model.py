@@ -47,6 +47,11 @@ INJECTIONS = ("linear", "additive", "none", "hyperconnect")
 R1_LAYOUTS = ("plain", "looped")
 
 
+def is_looped(r, r1_layout="plain"):
+    """Prelude -> injection + shared blocks, r times -> coda; False: the plain GPT (r = 1 only)."""
+    return r > 1 or r1_layout == "looped"
+
+
 def width_scale(text):
     """'3' -> 3, '0.5' -> 0.5: a width scale s as typed; whole numbers stay ints so tags read s3."""
     value = float(text)
@@ -84,8 +89,7 @@ class GPTConfig:
 
     @property
     def looped(self) -> bool:
-        """Prelude -> injection + shared blocks, r times -> coda; False: the plain GPT."""
-        return self.r > 1 or self.r1_layout == "looped"
+        return is_looped(self.r, self.r1_layout)
 
     @property
     def d_model(self) -> int:

@@ -310,7 +310,8 @@ class Run:
 
     @property
     def looped(self):
-        return self.r > 1 or self.r1_layout == "looped"
+        from model import is_looped
+        return is_looped(self.r, self.r1_layout)
 
 
 def format_budget(c):
@@ -320,7 +321,8 @@ def format_budget(c):
 def make_tag(budget, size, r, injection, lanes, bptt_k, seed, r1_layout="plain"):
     """C4.64e17_s6_r4_linear_seed0; a plain r=1 run is C..._r1_none_seed0 (its injection is 'none'
     whatever was asked), the looped layout at r=1 C..._r1_linear_loop_seed0."""
-    if r == 1 and r1_layout == "plain":
+    from model import is_looped
+    if not is_looped(r, r1_layout):
         inj = "none"
     else:
         inj = injection + (f"K{lanes}" if injection == "hyperconnect" else "")
