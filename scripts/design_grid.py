@@ -142,8 +142,8 @@ def gpu_hours(runs, preset):
 
 def log_law(theta, a):
     """log L as a function of theta = (log E, log A, alpha, log B, beta, phi)."""
-    E, A, alpha, B, beta, phi = np.exp(theta[0]), np.exp(theta[1]), theta[2], np.exp(theta[3]), theta[4], theta[5]
-    return np.log(E + A * (a["n_once"] + a["r"] ** phi * a["n_rec"]) ** -alpha + B * a["D"] ** -beta)
+    law = np.exp(theta[0]), np.exp(theta[1]), theta[2], np.exp(theta[3]), theta[4], theta[5]
+    return np.log(law_loss(law, a["n_once"], a["n_rec"], a["r"], a["D"]))
 
 
 def as_theta(law):
